@@ -1,0 +1,234 @@
+// CPU (OpenMP) implementation of the sparse top-k OPD loss, its gradient, and renorm_kl.
+#include "opdcore/opd_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "row_stream.h"
+
+namespace opdcore {
+
+using cpu::neg_inf;
+
+namespace {
+
+// Weights over the valid set (METHOD.md 2.3).
+template <typename A>
+void row_weights(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A* w) {
+  const bool use_teacher = mode == WeightMode::kTeacherP || mode == WeightMode::kTeacherPRaw;
+  const A* src = use_teacher ? tlp : slp;
+  int64_t count = 0;
+  A mx = neg_inf<A>();
+  for (int64_t v = 0; v < K; ++v)
+    if (valid[v]) { ++count; mx = std::max(mx, src[v]); }
+  switch (mode) {
+    case WeightMode::kUniform:
+      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? A(1) / A(count) : A(0);
+      return;
+    case WeightMode::kStudentPRaw:
+    case WeightMode::kTeacherPRaw:
+      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? std::exp(src[v]) : A(0);
+      return;
+    default: {  // renormalised over the set, in log space so tiny probabilities do not underflow to 0/0
+      A z = 0;
+      for (int64_t v = 0; v < K; ++v)
+        if (valid[v]) z += std::exp(src[v] - mx);
+      const A log_z = mx + std::log(z);
+      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? std::exp(src[v] - log_z) : A(0);
+    }
+  }
+}
+
+template <typename A>
+Status::Code row_rewards(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A clip,
+                         A* w, A* rew, A* loss) {
+  for (int64_t v = 0; v < K; ++v) {
+    if (!valid[v]) continue;
+    if (!(slp[v] > neg_inf<A>()) || std::isinf(slp[v])) return Status::kBadStudentLogprob;
+    const bool teacher_ok = std::isfinite(tlp[v]) || (clip > 0 && tlp[v] == neg_inf<A>());
+    if (!teacher_ok) return Status::kBadTeacherLogprob;
+  }
+  row_weights(K, slp, tlp, valid, mode, w);
+  A total = 0;
+  for (int64_t v = 0; v < K; ++v) {
+    if (!valid[v]) { rew[v] = 0; continue; }
+    A l = slp[v] - tlp[v];
+    if (clip > 0) l = std::min(std::max(l, -clip), clip);
+    rew[v] = -w[v] * l;
+    total -= rew[v] * slp[v];
+  }
+  *loss = total;
+  return Status::kOk;
+}
+
+}  // namespace
+
+template <typename A>
+Status opd_rewards(int64_t rows, int64_t K, const A* student_lp, const A* teacher_lp, const bool* valid,
+                   WeightMode mode, double clip, A* rewards, A* loss) {
+  Status status;
+#pragma omp parallel
+  {
+    std::vector<A> w(K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const auto code = row_rewards(K, student_lp + r * K, teacher_lp + r * K, valid + r * K, mode, A(clip),
+                                    w.data(), rewards + r * K, loss + r);
+      if (code != Status::kOk) cpu::record_failure(&status, code, r);
+    }
+  }
+  return status;
+}
+
+template <typename T>
+Status opd_topk_loss_forward(const T* logits, int64_t rows, int64_t V, int64_t row_stride, int64_t col_stride,
+                             double temperature, const int64_t* ids, const acc_t<T>* teacher_lp,
+                             const bool* valid, int64_t K, WeightMode mode, double clip, acc_t<T>* loss,
+                             acc_t<T>* rewards, acc_t<T>* student_lp, acc_t<T>* lse) {
+  using A = acc_t<T>;
+  Status status;
+  const A inv_t = A(1.0 / temperature);
+#pragma omp parallel
+  {
+    A buf[cpu::kBlock];
+    std::vector<A> tv(K), w(K);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t* rid = ids + r * K;
+      bool bad_id = false;
+      for (int64_t q = 0; q < K; ++q) bad_id |= rid[q] < 0 || rid[q] >= V;
+      if (bad_id) { cpu::record_failure(&status, Status::kBadId, r); continue; }
+      A mx, s, t;
+      const cpu::RowRef<A> rr{&mx, &s, &t, nullptr, nullptr, 0, rid, tv.data(), K};
+      cpu::row_init(rr);
+      if (!cpu::row_update<T, A, false>(rr, logits + r * row_stride, V, col_stride, 0, inv_t, buf)) {
+        cpu::record_failure(&status, Status::kNonFinite, r);
+        continue;
+      }
+      if (mx == neg_inf<A>()) { cpu::record_failure(&status, Status::kAllNegInf, r); continue; }
+      const A l = mx + std::log(s);
+      lse[r] = l;
+      A* slp = student_lp + r * K;
+      for (int64_t q = 0; q < K; ++q) slp[q] = tv[q] - l;
+      const auto code = row_rewards(K, slp, teacher_lp + r * K, valid + r * K, mode, A(clip), w.data(),
+                                    rewards + r * K, loss + r);
+      if (code != Status::kOk) cpu::record_failure(&status, code, r);
+    }
+  }
+  return status;
+}
+
+template <typename T>
+void opd_topk_loss_backward(const T* logits, int64_t rows, int64_t n, int64_t row_stride, int64_t col_stride,
+                            int64_t vocab_offset, double temperature, const acc_t<T>* lse, const int64_t* ids,
+                            const acc_t<T>* rewards, int64_t K, const acc_t<T>* grad_loss, T* grad,
+                            int64_t grad_row_stride) {
+  using A = acc_t<T>;
+  const A inv_t = A(1.0 / temperature);
+#pragma omp parallel
+  {
+    A buf[cpu::kBlock];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const A* rew = rewards + r * K;
+      A total = 0;
+      for (int64_t q = 0; q < K; ++q) total += rew[q];
+      const A g = grad_loss[r] * inv_t, dense = g * total, l = lse[r];
+      const T* x = logits + r * row_stride;
+      T* gr = grad + r * grad_row_stride;
+      for (int64_t b0 = 0; b0 < n; b0 += cpu::kBlock) {
+        const int64_t nb = std::min(cpu::kBlock, n - b0);
+        if (col_stride == 1) {
+#pragma omp simd
+          for (int64_t j = 0; j < nb; ++j) buf[j] = dense * exp_nonpos(A(to_float(x[b0 + j])) * inv_t - l);
+        } else {
+          for (int64_t j = 0; j < nb; ++j) buf[j] = dense * exp_nonpos(A(to_float(x[(b0 + j) * col_stride])) * inv_t - l);
+        }
+        const int64_t lo = vocab_offset + b0;
+        for (int64_t q = 0; q < K; ++q) {
+          const int64_t j = ids[r * K + q] - lo;
+          if (j >= 0 && j < nb) buf[j] -= g * rew[q];
+        }
+        for (int64_t j = 0; j < nb; ++j) from_float(buf[j], gr + b0 + j);
+      }
+    }
+  }
+}
+
+template <typename A>
+Status renorm_kl_forward(int64_t rows, int64_t K, const A* set_logits, const A* teacher_lp, const bool* valid,
+                         double temperature, A* loss, A* pbar, A* log_ratio) {
+  Status status;
+  const A inv_t = A(1.0 / temperature);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* z = set_logits + r * K;
+    const A* tq = teacher_lp + r * K;
+    const bool* ok = valid + r * K;
+    A* pb = pbar + r * K;
+    A* lr = log_ratio + r * K;
+    A zmax = neg_inf<A>(), qmax = neg_inf<A>();
+    bool bad_t = false, bad_s = false;
+    for (int64_t v = 0; v < K; ++v) {
+      if (!ok[v]) continue;
+      bad_t |= !std::isfinite(tq[v]);
+      bad_s |= std::isnan(z[v]) || z[v] == -neg_inf<A>();
+      zmax = std::max(zmax, z[v] * inv_t);
+      qmax = std::max(qmax, tq[v]);
+    }
+    if (bad_t) { cpu::record_failure(&status, Status::kBadTeacherLogprob, r); continue; }
+    if (bad_s) { cpu::record_failure(&status, Status::kNonFinite, r); continue; }
+    A zs = 0, qs = 0;
+    for (int64_t v = 0; v < K; ++v)
+      if (ok[v]) { zs += std::exp(z[v] * inv_t - zmax); qs += std::exp(tq[v] - qmax); }
+    const A zl = zmax + std::log(zs), ql = qmax + std::log(qs);
+    A kl = 0;
+    for (int64_t v = 0; v < K; ++v) {
+      if (!ok[v] || zmax == neg_inf<A>()) { pb[v] = 0; lr[v] = 0; continue; }
+      const A lp = z[v] * inv_t - zl;
+      pb[v] = std::exp(lp);
+      lr[v] = pb[v] > 0 ? lp - (tq[v] - ql) : A(0);  // a zero-probability entry contributes nothing
+      kl += pb[v] * lr[v];
+    }
+    loss[r] = kl;
+  }
+  return status;
+}
+
+template <typename A>
+void renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_ratio, const A* loss,
+                        const A* grad_loss, double temperature, A* grad_set_logits) {
+  const A inv_t = A(1.0 / temperature);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const A g = grad_loss[r] * inv_t;
+    for (int64_t v = 0; v < K; ++v) {
+      const int64_t i = r * K + v;
+      grad_set_logits[i] = g * pbar[i] * (log_ratio[i] - loss[r]);
+    }
+  }
+}
+
+#define OPDCORE_LOSS_ACC(A)                                                                                 \
+  template Status opd_rewards<A>(int64_t, int64_t, const A*, const A*, const bool*, WeightMode, double, A*, \
+                                 A*);                                                                       \
+  template Status renorm_kl_forward<A>(int64_t, int64_t, const A*, const A*, const bool*, double, A*, A*,   \
+                                       A*);                                                                 \
+  template void renorm_kl_backward<A>(int64_t, int64_t, const A*, const A*, const A*, const A*, double, A*);
+OPDCORE_LOSS_ACC(float)
+OPDCORE_LOSS_ACC(double)
+
+#define OPDCORE_LOSS_T(T)                                                                                    \
+  template Status opd_topk_loss_forward<T>(const T*, int64_t, int64_t, int64_t, int64_t, double,             \
+                                           const int64_t*, const acc_t<T>*, const bool*, int64_t, WeightMode, \
+                                           double, acc_t<T>*, acc_t<T>*, acc_t<T>*, acc_t<T>*);              \
+  template void opd_topk_loss_backward<T>(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, double,     \
+                                          const acc_t<T>*, const int64_t*, const acc_t<T>*, int64_t,         \
+                                          const acc_t<T>*, T*, int64_t);
+OPDCORE_LOSS_T(float)
+OPDCORE_LOSS_T(double)
+OPDCORE_LOSS_T(bfloat16)
+OPDCORE_LOSS_T(float16)
+
+}  // namespace opdcore

@@ -1,0 +1,1 @@
+#include "opdcore/packing.h"

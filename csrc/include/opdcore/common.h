@@ -1,0 +1,121 @@
+// Shared scalar types and helpers for opdcore's CPU kernels. No torch types: the kernels work on raw
+// pointers so the same interfaces have a CUDA twin and plain compilers can build them.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace opdcore {
+
+// 16-bit storage types with the same bit layout as at::BFloat16 / at::Half.
+struct bfloat16 { uint16_t bits; };
+struct float16 { uint16_t bits; };
+
+// Accumulator type: float for 16/32-bit inputs, double for double (so float64 gradcheck is exact).
+template <typename T> struct acc_type { using type = float; };
+template <> struct acc_type<double> { using type = double; };
+template <typename T> using acc_t = typename acc_type<T>::type;
+
+inline float to_float(float x) { return x; }
+inline double to_float(double x) { return x; }
+inline float to_float(bfloat16 x) {
+  uint32_t b = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline float to_float(float16 x) {
+#if defined(__FLT16_MANT_DIG__)
+  _Float16 h;
+  std::memcpy(&h, &x.bits, 2);
+  return float(h);
+#else
+  const uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+  uint32_t b;
+  if (exp == 0x1f) b = sign | 0x7f800000u | (man << 13);
+  else if (exp != 0) b = sign | ((exp + 112) << 23) | (man << 13);
+  else if (man == 0) b = sign;
+  else {  // subnormal half: renormalise
+    int e = -1;
+    uint32_t m = man;
+    do { m <<= 1; ++e; } while (!(m & 0x400u));
+    b = sign | uint32_t(112 - e) << 23 | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+#endif
+}
+
+inline void from_float(float v, float* out) { *out = v; }
+inline void from_float(double v, double* out) { *out = v; }
+inline void from_float(float v, bfloat16* out) {  // round to nearest even, NaN kept quiet
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) { out->bits = 0x7fc0; return; }
+  b += 0x7fffu + ((b >> 16) & 1u);
+  out->bits = uint16_t(b >> 16);
+}
+inline void from_float(float v, float16* out) {
+#if defined(__FLT16_MANT_DIG__)
+  _Float16 h = (_Float16)v;
+  std::memcpy(&out->bits, &h, 2);
+#else
+  // Portable fallback through the bit pattern (round to nearest even).
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  int32_t e = int32_t((b >> 23) & 0xff) - 127 + 15;
+  uint32_t m = b & 0x7fffffu;
+  if (((b >> 23) & 0xff) == 0xff) { out->bits = uint16_t(sign | 0x7c00u | (m ? 0x200u : 0)); return; }
+  if (e >= 31) { out->bits = uint16_t(sign | 0x7c00u); return; }
+  if (e <= 0) {
+    if (e < -10) { out->bits = uint16_t(sign); return; }
+    m |= 0x800000u;
+    const int shift = 14 - e;
+    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    out->bits = uint16_t(sign | r);
+    return;
+  }
+  uint32_t r = (uint32_t(e) << 10) | (m >> 13), rem = m & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) ++r;
+  out->bits = uint16_t(sign | r);
+#endif
+}
+
+// exp(x) for x <= 0 (the only range the streaming softmax needs), vectorisable: Cephes-style range
+// reduction plus a degree-6 polynomial, about 2 ulp. Returns 0 below -87 (underflow) and for -inf.
+inline float exp_nonpos(float x) {
+  const bool tiny = !(x > -87.0f);
+  x = tiny ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return tiny ? 0.0f : y * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// Why a kernel stopped; row is the first offending row (or -1).
+struct Status {
+  enum Code : int { kOk = 0, kNonFinite = 1, kAllNegInf = 2, kHeapNotFull = 3, kTargetUnseen = 4, kBadId = 5,
+              kBadStudentLogprob = 6, kBadTeacherLogprob = 7 };
+  Code code = kOk;
+  int64_t row = -1;
+  bool ok() const { return code == kOk; }
+};
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+}  // namespace opdcore

@@ -1,0 +1,3 @@
+// Packed-sequence layout helpers (flash-attn varlen convention). Filled in by the packing work.
+#pragma once
+#include <cstdint>

@@ -1,0 +1,178 @@
+// ATen glue (CPU) for the sparse top-k OPD loss and renorm_kl.
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "glue.h"
+#include "opdcore/opd_loss.h"
+
+namespace opdcore {
+namespace {
+
+using at::Tensor;
+
+WeightMode weight_mode_from(int64_t w) {
+  TORCH_CHECK(w >= 0 && w <= 4, "weight_mode must be 0..4 (student_p, teacher_p, none, student_p_raw, "
+              "teacher_p_raw), got ", w);
+  return static_cast<WeightMode>(w);
+}
+
+// ids [N, K] int64, teacher_logprobs [N, K] (any float; converted to the accumulator dtype), valid [N, K] bool.
+void check_set(const Tensor& ids, const Tensor& tlp, const Tensor& valid, int64_t N, const Tensor& ref) {
+  glue::check_ids(ids, "ids", N, ref);
+  TORCH_CHECK(tlp.sizes() == ids.sizes(), "teacher_logprobs must have the shape of ids ", ids.sizes(), ", got ",
+              tlp.sizes());
+  TORCH_CHECK(at::isFloatingType(tlp.scalar_type()), "teacher_logprobs must be floating, got ", tlp.scalar_type());
+  TORCH_CHECK(valid.sizes() == ids.sizes(), "valid must have the shape of ids ", ids.sizes(), ", got ",
+              valid.sizes());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
+  glue::check_same_device(tlp, "teacher_logprobs", ref, "logits");
+  glue::check_same_device(valid, "valid", ref, "logits");
+}
+
+void check_clip(double clip) { TORCH_CHECK(clip >= 0 && !std::isnan(clip), "log_ratio_clip must be >= 0 (0: off), got ", clip); }
+
+std::tuple<Tensor, Tensor> opd_rewards_cpu(const Tensor& slp, const Tensor& tlp, const Tensor& valid,
+                                           int64_t weight_mode, double clip) {
+  TORCH_CHECK(slp.dim() == 2, "student_logprobs must be [tokens, K], got ", slp.sizes());
+  TORCH_CHECK(slp.scalar_type() == at::kFloat || slp.scalar_type() == at::kDouble,
+              "student_logprobs must be float32 or float64, got ", slp.scalar_type());
+  TORCH_CHECK(slp.size(0) > 0, "student_logprobs has no rows (empty batch)");
+  TORCH_CHECK(tlp.sizes() == slp.sizes(), "teacher_logprobs must have the shape of student_logprobs");
+  TORCH_CHECK(valid.sizes() == slp.sizes() && valid.scalar_type() == at::kBool,
+              "valid must be bool with the shape of student_logprobs");
+  check_clip(clip);
+  const auto mode = weight_mode_from(weight_mode);
+  const Tensor s = slp.contiguous(), t = tlp.to(slp.scalar_type()).contiguous(), v = valid.contiguous();
+  Tensor rewards = at::empty_like(s), loss = at::empty({s.size(0)}, s.options());
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "opd_rewards", [&] {
+    glue::raise_status(opd_rewards<scalar_t>(s.size(0), s.size(1), s.const_data_ptr<scalar_t>(),
+                                             t.const_data_ptr<scalar_t>(), v.const_data_ptr<bool>(), mode, clip,
+                                             rewards.mutable_data_ptr<scalar_t>(), loss.mutable_data_ptr<scalar_t>()),
+                       "student_logprobs", "ids");
+  });
+  return {rewards, loss};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> opd_topk_loss_fwd_cpu(const Tensor& logits, const Tensor& ids,
+                                                                 const Tensor& tlp, const Tensor& valid,
+                                                                 int64_t weight_mode, double temperature,
+                                                                 double clip) {
+  glue::check_logits(logits, "student_logits");
+  glue::check_temperature(temperature);
+  check_clip(clip);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_set(ids, tlp, valid, N, logits);
+  const auto mode = weight_mode_from(weight_mode);
+  const auto acc = glue::acc_dtype(logits.scalar_type());
+  const Tensor idc = ids.contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
+  const int64_t K = idc.size(1);
+  const auto opts = logits.options().dtype(acc);
+  Tensor loss = at::empty({N}, opts), rewards = at::empty({N, K}, opts), slp = at::empty({N, K}, opts),
+         lse = at::empty({N}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "opd_topk_loss_fwd", [&] {
+    using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
+    glue::raise_status(
+        opd_topk_loss_forward(glue::kptr<scalar_t>(logits), N, V, logits.stride(0), logits.stride(1), temperature,
+                              idc.const_data_ptr<int64_t>(), t.const_data_ptr<A>(), v.const_data_ptr<bool>(), K,
+                              mode, clip, loss.mutable_data_ptr<A>(), rewards.mutable_data_ptr<A>(),
+                              slp.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>()),
+        "student_logits", "ids");
+  });
+  return {loss, rewards, slp, lse};
+}
+
+// Shared checks of the backward's saved tensors against a logits (or logits-chunk) tensor.
+void check_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& lse, const Tensor& ids,
+                    const Tensor& rewards) {
+  const int64_t N = x.size(0);
+  const auto acc = glue::acc_dtype(x.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be [", N, "]");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc, "lse must be [", N, "] ", acc);
+  glue::check_ids(ids, "ids", N, x);
+  TORCH_CHECK(rewards.sizes() == ids.sizes() && rewards.scalar_type() == acc, "rewards must be ", acc,
+              " with the shape of ids");
+}
+
+Tensor opd_topk_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& lse, const Tensor& ids,
+                             const Tensor& rewards, double temperature) {
+  glue::check_logits(logits, "student_logits");
+  check_backward(grad_loss, logits, lse, ids, rewards);
+  const auto acc = glue::acc_dtype(logits.scalar_type());
+  const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
+               r = rewards.contiguous();
+  Tensor grad = at::empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "opd_topk_loss_bwd", [&] {
+    using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
+    opd_topk_loss_backward(glue::kptr<scalar_t>(logits), logits.size(0), logits.size(1), logits.stride(0),
+                           logits.stride(1), 0, temperature, l.const_data_ptr<A>(), idc.const_data_ptr<int64_t>(),
+                           r.const_data_ptr<A>(), idc.size(1), g.const_data_ptr<A>(), glue::kptr_mut<scalar_t>(grad),
+                           grad.stride(0));
+  });
+  return grad;
+}
+
+// In place: chunk (logits of vocabulary ids [vocab_offset, vocab_offset + n)) becomes d loss / d chunk.
+void opd_topk_loss_bwd_chunk_cpu(Tensor& chunk, int64_t vocab_offset, const Tensor& grad_loss, const Tensor& lse,
+                                 const Tensor& ids, const Tensor& rewards, double temperature) {
+  glue::check_logits(chunk, "chunk");
+  TORCH_CHECK(chunk.stride(1) == 1, "chunk must have unit stride along the vocabulary");
+  check_backward(grad_loss, chunk, lse, ids, rewards);
+  const auto acc = glue::acc_dtype(chunk.scalar_type());
+  const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
+               r = rewards.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, chunk.scalar_type(), "opd_topk_loss_bwd_chunk_", [&] {
+    using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
+    auto* p = glue::kptr_mut<scalar_t>(chunk);
+    opd_topk_loss_backward(p, chunk.size(0), chunk.size(1), chunk.stride(0), 1, vocab_offset, temperature,
+                           l.const_data_ptr<A>(), idc.const_data_ptr<int64_t>(), r.const_data_ptr<A>(), idc.size(1),
+                           g.const_data_ptr<A>(), p, chunk.stride(0));
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> renorm_kl_fwd_cpu(const Tensor& z, const Tensor& tlp, const Tensor& valid,
+                                                     double temperature) {
+  TORCH_CHECK(z.dim() == 2 && z.size(0) > 0, "set_logits must be [tokens, K] with tokens > 0, got ", z.sizes());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "set_logits must be floating, got ", z.scalar_type());
+  glue::check_temperature(temperature);
+  TORCH_CHECK(tlp.sizes() == z.sizes(), "teacher_logprobs must have the shape of the set ", z.sizes());
+  TORCH_CHECK(valid.sizes() == z.sizes() && valid.scalar_type() == at::kBool, "valid must be bool with shape ",
+              z.sizes());
+  const auto acc = glue::acc_dtype(z.scalar_type());
+  const Tensor zc = z.to(acc).contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
+  Tensor loss = at::empty({z.size(0)}, zc.options()), pbar = at::empty_like(zc), lr = at::empty_like(zc);
+  AT_DISPATCH_FLOATING_TYPES(acc, "renorm_kl_fwd", [&] {
+    glue::raise_status(renorm_kl_forward<scalar_t>(zc.size(0), zc.size(1), zc.const_data_ptr<scalar_t>(),
+                                                   t.const_data_ptr<scalar_t>(), v.const_data_ptr<bool>(),
+                                                   temperature, loss.mutable_data_ptr<scalar_t>(),
+                                                   pbar.mutable_data_ptr<scalar_t>(), lr.mutable_data_ptr<scalar_t>()),
+                       "set_logits", "ids");
+  });
+  return {loss, pbar, lr};
+}
+
+Tensor renorm_kl_bwd_cpu(const Tensor& grad_loss, const Tensor& pbar, const Tensor& lr, const Tensor& loss,
+                         double temperature) {
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == pbar.size(0), "grad_loss must be [tokens]");
+  const Tensor g = grad_loss.to(pbar.scalar_type()).contiguous();
+  Tensor grad = at::empty_like(pbar);
+  AT_DISPATCH_FLOATING_TYPES(pbar.scalar_type(), "renorm_kl_bwd", [&] {
+    renorm_kl_backward<scalar_t>(pbar.size(0), pbar.size(1), pbar.const_data_ptr<scalar_t>(),
+                                 lr.const_data_ptr<scalar_t>(), loss.const_data_ptr<scalar_t>(),
+                                 g.const_data_ptr<scalar_t>(), temperature, grad.mutable_data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opdcore, CPU, m) {
+  m.impl("opd_rewards", &opd_rewards_cpu);
+  m.impl("opd_topk_loss_fwd", &opd_topk_loss_fwd_cpu);
+  m.impl("opd_topk_loss_bwd", &opd_topk_loss_bwd_cpu);
+  m.impl("opd_topk_loss_bwd_chunk_", &opd_topk_loss_bwd_chunk_cpu);
+  m.impl("renorm_kl_fwd", &renorm_kl_fwd_cpu);
+  m.impl("renorm_kl_bwd", &renorm_kl_bwd_cpu);
+}
+
+}  // namespace opdcore

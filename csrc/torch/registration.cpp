@@ -1,0 +1,31 @@
+// Schemas of every opdcore operator. Implementations register per dispatch key in the *_ops.cpp files
+// (CPU) and csrc/torch/cuda/ (CUDA); the Python layer adds fake kernels and autograd.
+#include <torch/library.h>
+
+TORCH_LIBRARY(opdcore, m) {
+  // Streaming top-k over full rows.
+  m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor ids, Tensor logprobs, Tensor lse, Tensor entropy)");
+  m.def("logprobs_at(Tensor logits, Tensor ids, float temperature=1.0) -> (Tensor logprobs, Tensor lse)");
+  // Streaming state over vocabulary chunks (state tensors are updated in place).
+  m.def("stream_update(Tensor(a!) max, Tensor(b!) sumexp, Tensor(c!) ent, Tensor(d!) heap_vals, Tensor(e!) heap_ids, "
+        "Tensor target_ids, Tensor(f!) target_vals, Tensor logits, int vocab_offset, float temperature) -> ()");
+  m.def("stream_merge(Tensor(a!) max, Tensor(b!) sumexp, Tensor(c!) ent, Tensor(d!) heap_vals, Tensor(e!) heap_ids, "
+        "Tensor(f!) target_vals, Tensor max_b, Tensor sumexp_b, Tensor ent_b, Tensor heap_vals_b, Tensor heap_ids_b, "
+        "Tensor target_vals_b) -> ()");
+  m.def("stream_finalize(Tensor max, Tensor sumexp, Tensor ent, Tensor heap_vals, Tensor heap_ids, Tensor target_vals) "
+        "-> (Tensor ids, Tensor logprobs, Tensor lse, Tensor entropy, Tensor target_logprobs)");
+  // Sparse top-k OPD loss.
+  m.def("opd_rewards(Tensor student_logprobs, Tensor teacher_logprobs, Tensor valid, int weight_mode, float clip) "
+        "-> (Tensor rewards, Tensor loss)");
+  m.def("opd_topk_loss_fwd(Tensor logits, Tensor ids, Tensor teacher_logprobs, Tensor valid, int weight_mode, "
+        "float temperature, float clip) -> (Tensor loss, Tensor rewards, Tensor student_logprobs, Tensor lse)");
+  m.def("opd_topk_loss_bwd(Tensor grad_loss, Tensor logits, Tensor lse, Tensor ids, Tensor rewards, float temperature) -> Tensor");
+  m.def("opd_topk_loss_bwd_chunk_(Tensor(a!) chunk, int vocab_offset, Tensor grad_loss, Tensor lse, Tensor ids, "
+        "Tensor rewards, float temperature) -> ()");
+  m.def("renorm_kl_fwd(Tensor set_logits, Tensor teacher_logprobs, Tensor valid, float temperature) "
+        "-> (Tensor loss, Tensor pbar, Tensor log_ratio)");
+  m.def("renorm_kl_bwd(Tensor grad_loss, Tensor pbar, Tensor log_ratio, Tensor loss, float temperature) -> Tensor");
+  // Packed sequences: padded [B, T, ...] <-> packed [N, ...].
+  m.def("pad_packed(Tensor packed, Tensor cu_seqlens, int max_seqlen, float pad_value=0.0) -> Tensor");
+  m.def("unpad_packed(Tensor padded, Tensor cu_seqlens) -> Tensor");
+}

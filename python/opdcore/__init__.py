@@ -1,0 +1,15 @@
+"""opdcore: kernels and a trainer for on-policy distillation of language models."""
+from opdcore._native import build_info
+from opdcore.ops import (
+    StreamState,
+    TokenSet,
+    build_token_set,
+    linear_topk,
+    logprobs_at,
+    opd_topk_loss,
+    opd_topk_loss_linear,
+    renorm_topk_kl,
+    topk_logprobs,
+)
+
+__version__ = build_info()["version"]

@@ -1,0 +1,14 @@
+"""The public kernel API: Python functions over torch.ops.opdcore.*, usable from any trainer."""
+from opdcore import _native  # noqa: F401  (loads the extension, registering the ops)
+from opdcore.ops import _fake  # noqa: F401
+from opdcore.ops.loss import (
+    WEIGHT_MODES,
+    OPDLoss,
+    opd_topk_loss,
+    opd_topk_loss_linear,
+    renorm_topk_kl,
+    renorm_topk_kl_linear,
+    weight_mode_index,
+)
+from opdcore.ops.token_set import STRATEGIES, STRATEGY_ALIASES, TokenSet, build_token_set, canonical_strategy
+from opdcore.ops.topk import StreamResult, StreamState, TopK, linear_topk, logprobs_at, topk_logprobs

@@ -1,0 +1,182 @@
+"""The sparse top-k OPD loss (METHOD.md 2.2-2.4) with hand-written backward kernels.
+
+Every function returns the *per-token* loss [N]; how tokens are averaged (token-mean, seq-mean-...) is the
+caller's choice (opdcore.losses). Only the student logits (or hidden states / LM head) receive gradients:
+the rewards are stop-gradient by construction and the teacher is frozen.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from opdcore.ops._device import check_device
+from opdcore.ops.topk import StreamState, _as_long, _check_linear, iter_head_chunks
+
+_ops = torch.ops.opdcore
+
+WEIGHT_MODES = ("student_p", "teacher_p", "none", "student_p_raw", "teacher_p_raw")
+
+
+def weight_mode_index(name: str) -> int:
+    if name not in WEIGHT_MODES:
+        raise ValueError(f"weight_mode must be one of {WEIGHT_MODES}, got {name!r}")
+    return WEIGHT_MODES.index(name)
+
+
+class OPDLoss(NamedTuple):
+    loss: torch.Tensor  # [N] per-token loss (differentiable)
+    rewards: torch.Tensor  # [N, K] r(v) = -w(v) * l(v), 0 outside the set (for logging)
+    student_logprobs: torch.Tensor  # [N, K] full-vocabulary log p at ids
+    lse: torch.Tensor  # [N]
+
+
+def _prepare_set(ids, teacher_logprobs, valid, rows: int):
+    ids = _as_long(ids, "ids")
+    if valid is None:
+        valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    if teacher_logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs must have the shape of ids {tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
+    if ids.dim() != 2 or ids.shape[0] != rows:
+        raise ValueError(f"ids must be [N={rows}, K], got {tuple(ids.shape)}")
+    return ids, teacher_logprobs.detach(), valid
+
+
+# ---- unfused: student logits [N, V] -------------------------------------------------------------------------
+
+def _loss_setup(ctx, inputs, output):
+    logits, ids, _, _, _, temperature, _ = inputs
+    _, rewards, _, lse = output
+    ctx.save_for_backward(logits, lse, ids, rewards)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _loss_backward(ctx, grad_loss, *_):
+    logits, lse, ids, rewards = ctx.saved_tensors
+    grad = _ops.opd_topk_loss_bwd(grad_loss, logits, lse, ids, rewards, ctx.temperature)
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("opdcore::opd_topk_loss_fwd", _loss_backward, setup_context=_loss_setup)
+
+
+def opd_topk_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                  valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p", temperature: float = 1.0,
+                  log_ratio_clip: float = 0.0) -> OPDLoss:
+    """Per-token top-k OPD loss: loss_t = -sum_{v in set} sg(r_t(v)) log p_t(v), r = -w (log p - log q).
+
+    student_logits [N, V] (float32/bfloat16/float16/float64), ids [N, K] (the token set, see build_token_set),
+    teacher_logprobs [N, K] full-vocabulary log q at ids, valid [N, K] bool (default: all). The backward
+    writes d loss / d logits in one pass over the vocabulary without storing the softmax.
+    Sampled-token OPD (METHOD.md 2.1) is K = 1 with weight_mode="none".
+    """
+    check_device(student_logits, "student_logits")
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0] if student_logits.dim() else -1)
+    return OPDLoss(*_ops.opd_topk_loss_fwd(student_logits, ids, tq, valid, weight_mode_index(weight_mode),
+                                           float(temperature), float(log_ratio_clip)))
+
+
+def _rkl_setup(ctx, inputs, output):
+    _, _, _, temperature = inputs
+    loss, pbar, log_ratio = output
+    ctx.save_for_backward(pbar, log_ratio, loss)
+    ctx.temperature = temperature
+    ctx.mark_non_differentiable(pbar, log_ratio)
+
+
+def _rkl_backward(ctx, grad_loss, *_):
+    pbar, log_ratio, loss = ctx.saved_tensors
+    grad = _ops.renorm_kl_bwd(grad_loss, pbar, log_ratio, loss, ctx.temperature)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("opdcore::renorm_kl_fwd", _rkl_backward, setup_context=_rkl_setup)
+
+
+def renorm_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token KL(pbar || qbar) with both distributions renormalised over the valid set (METHOD.md 2.4).
+
+    Exact gradient; the full-vocabulary normaliser cancels, so only the K set logits are read.
+    """
+    check_device(student_logits, "student_logits")
+    if student_logits.dim() != 2:
+        raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= student_logits.shape[1]):
+        raise ValueError(f"ids holds an id outside [0, vocab={student_logits.shape[1]})")
+    set_logits = student_logits.gather(1, ids)
+    return _ops.renorm_kl_fwd(set_logits, tq, valid, float(temperature))[0]
+
+
+# ---- fused with the LM head: hidden [N, H], weight [V, H]; [N, V] logits never exist --------------------------
+
+class _LinearOPDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, tq, valid, mode, temperature, clip, chunk):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        state = StreamState(hidden.shape[0], 0, ids, dtype=acc, device=hidden.device, temperature=temperature)
+        with torch.no_grad():
+            for off, logits in iter_head_chunks(hidden, weight, chunk):
+                state.update(logits, off)
+        res = state.finalize()
+        slp = res.target_logprobs
+        rewards, loss = _ops.opd_rewards(slp, tq, valid, mode, clip)
+        ctx.save_for_backward(hidden, weight, res.lse, ids, rewards)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(rewards, slp, res.lse)
+        return loss, rewards, slp, res.lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        hidden, weight, lse, ids, rewards = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        grad_h = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_loss = grad_loss.contiguous()
+        with torch.no_grad():
+            for off, work in iter_head_chunks(hidden, weight, ctx.chunk):
+                # the logits workspace becomes d loss / d logits for this vocabulary chunk, in place
+                _ops.opd_topk_loss_bwd_chunk_(work, off, grad_loss, lse, ids, rewards, ctx.temperature)
+                n = work.shape[1]
+                if need_h:
+                    grad_h += (work @ weight[off:off + n]).to(acc)
+                if need_w:
+                    torch.matmul(work.T, hidden, out=grad_w[off:off + n])
+        return (grad_h.to(hidden.dtype) if need_h else None), grad_w, None, None, None, None, None, None, None
+
+
+def opd_topk_loss_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                         teacher_logprobs: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
+                         weight_mode: str = "student_p", temperature: float = 1.0, log_ratio_clip: float = 0.0,
+                         chunk_size: Optional[int] = None) -> OPDLoss:
+    """opd_topk_loss on logits = hidden @ weight.T, computed chunk by chunk over the vocabulary.
+
+    Peak extra memory is O(N * chunk_size) instead of O(N * V); gradients flow to hidden and weight.
+    """
+    check_device(hidden, "hidden")
+    chunk = _check_linear(hidden, weight, chunk_size)
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
+    if log_ratio_clip < 0:
+        raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out = _LinearOPDLoss.apply(hidden, weight, ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(),
+                               weight_mode_index(weight_mode), float(temperature), float(log_ratio_clip), chunk)
+    return OPDLoss(*out)
+
+
+def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                          teacher_logprobs: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
+                          temperature: float = 1.0) -> torch.Tensor:
+    """renorm_topk_kl on logits = hidden @ weight.T: only K dot products per token (gathers K head rows)."""
+    check_device(hidden, "hidden")
+    _check_linear(hidden, weight, None)
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
+    set_logits = torch.bmm(weight[ids], hidden.unsqueeze(2)).squeeze(2)  # [N, K]
+    return _ops.renorm_kl_fwd(set_logits, tq, valid, float(temperature))[0]

@@ -1,0 +1,150 @@
+"""Streaming top-k extraction: full rows, chunked state, and fused with the LM head.
+
+All functions return float32 log-probs for float32/bfloat16/float16 logits (float64 for float64 logits).
+Top-k ids are ordered by log-prob descending; ties go to the lower vocabulary id.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from opdcore.ops._device import check_device
+
+_ops = torch.ops.opdcore
+_EMPTY_ID = torch.iinfo(torch.int64).max
+DEFAULT_CHUNK = 4096
+
+
+class TopK(NamedTuple):
+    ids: torch.Tensor  # [N, k] int64
+    logprobs: torch.Tensor  # [N, k] full-vocabulary log-softmax values
+    lse: torch.Tensor  # [N] logsumexp(logits / temperature)
+    entropy: torch.Tensor  # [N]
+
+
+class StreamResult(NamedTuple):
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    target_logprobs: torch.Tensor  # [N, m] log-probs at the requested ids (m may be 0)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
+    """Top-k ids and log-probs of softmax(logits / temperature), with log-sum-exp and entropy, in one pass."""
+    check_device(logits, "logits")
+    return TopK(*_ops.topk_logprobs(logits, int(k), float(temperature)))
+
+
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """Full-vocabulary log-probs at ids [N, m] (and lse [N]) in one pass; ids outside [0, V) are an error."""
+    check_device(logits, "logits")
+    return _ops.logprobs_at(logits, _as_long(ids, "ids"), float(temperature))
+
+
+def _as_long(ids: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
+    return ids.long()
+
+
+class StreamState:
+    """Per-row streaming state: feed vocabulary chunks in any order, merge states, finalize.
+
+    The same merge combines tensor-parallel vocabulary shards (each rank streams its shard, then the states
+    are gathered and merged).
+    """
+
+    def __init__(self, rows: int, k: int = 0, target_ids: Optional[torch.Tensor] = None,
+                 dtype: torch.dtype = torch.float32, device=None, temperature: float = 1.0):
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1 (empty batch), got {rows}")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype (the accumulator) must be float32 or float64, got {dtype}")
+        self.temperature = float(temperature)
+        self.max = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+        self.sumexp = torch.zeros(rows, dtype=dtype, device=device)
+        self.ent = torch.zeros(rows, dtype=dtype, device=device)
+        self.heap_vals = torch.full((rows, k), float("-inf"), dtype=dtype, device=device)
+        self.heap_ids = torch.full((rows, k), _EMPTY_ID, dtype=torch.int64, device=device)
+        if target_ids is None:
+            target_ids = torch.empty(rows, 0, dtype=torch.int64, device=device)
+        target_ids = _as_long(target_ids, "target_ids")
+        if target_ids.dim() != 2 or target_ids.shape[0] != rows:
+            raise ValueError(f"target_ids must be [rows={rows}, m], got {tuple(target_ids.shape)}")
+        if target_ids.numel() and int(target_ids.min()) < 0:
+            raise ValueError("target_ids holds a negative id")
+        self.target_ids = target_ids.contiguous()
+        self.target_vals = torch.full(target_ids.shape, float("nan"), dtype=dtype, device=device)
+
+    def _tensors(self):
+        return (self.max, self.sumexp, self.ent, self.heap_vals, self.heap_ids, self.target_vals)
+
+    def update(self, logits_chunk: torch.Tensor, vocab_offset: int) -> "StreamState":
+        """Feed logits [rows, n] of vocabulary ids [vocab_offset, vocab_offset + n)."""
+        check_device(logits_chunk, "logits chunk")
+        m, s, e, hv, hi, tv = self._tensors()
+        _ops.stream_update(m, s, e, hv, hi, self.target_ids, tv, logits_chunk, int(vocab_offset), self.temperature)
+        return self
+
+    def merge(self, other: "StreamState") -> "StreamState":
+        """self <- merge(self, other): the states of two disjoint vocabulary ranges."""
+        if other.temperature != self.temperature or not torch.equal(other.target_ids, self.target_ids):
+            raise ValueError("cannot merge stream states with different temperatures or target ids")
+        _ops.stream_merge(*self._tensors(), *other._tensors())
+        return self
+
+    def finalize(self) -> StreamResult:
+        return StreamResult(*_ops.stream_finalize(*self._tensors()))
+
+
+def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int]) -> int:
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden size mismatch: hidden has H={hidden.shape[1]}, weight has H={weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden has no rows (empty batch)")
+    chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return min(chunk, weight.shape[0])
+
+
+def iter_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
+    """Yield (offset, logits chunk) for hidden @ weight[offset:offset+chunk].T, reusing one workspace."""
+    V = weight.shape[0]
+    work = torch.empty(hidden.shape[0], chunk, dtype=hidden.dtype, device=hidden.device)
+    for off in range(0, V, chunk):
+        n = min(chunk, V - off)
+        out = work[:, :n]
+        torch.matmul(hidden, weight[off:off + n].T, out=out)
+        yield off, out
+
+
+@torch.no_grad()
+def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float = 1.0,
+                chunk_size: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> StreamResult:
+    """Top-k of softmax(hidden @ weight.T / temperature) without materialising [N, V] logits.
+
+    The LM-head matmul runs chunk by chunk into one [N, chunk_size] workspace that the streaming kernel consumes.
+    Optionally also returns log-probs at ids [N, m] from the same pass (target_logprobs).
+    """
+    check_device(hidden, "hidden")
+    chunk = _check_linear(hidden, weight, chunk_size)
+    if ids is not None and ids.numel() and int(ids.max()) >= weight.shape[0]:
+        raise ValueError(f"ids holds an id >= vocab size {weight.shape[0]}")
+    if k > weight.shape[0]:
+        raise ValueError(f"k must be in [0, vocab={weight.shape[0]}], got {k}")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    state = StreamState(hidden.shape[0], k, ids, dtype=acc, device=hidden.device, temperature=temperature)
+    for off, logits in iter_head_chunks(hidden, weight, chunk):
+        state.update(logits, off)
+    return state.finalize()
