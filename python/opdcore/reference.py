@@ -1,0 +1,115 @@
+"""Plain-PyTorch twins of every opdcore kernel: simple, slow, obviously right.
+
+The oracle for the property tests and for the runtime `verify` mode. Never imported by hot code.
+Conventions match the kernels: y = logits.float() * (1 / temperature) (float64 stays float64); top-k order
+is value descending with ties to the lower id; every reduction accumulates in float32 (float64 for float64).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.to(acc) * (1.0 / temperature)  # the scalar is rounded to acc, as in the kernels
+
+
+def log_softmax(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return torch.log_softmax(_scaled(logits, temperature), dim=-1)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """(ids, logprobs, lse, entropy); ties in value go to the lower id (stable descending sort)."""
+    y = _scaled(logits, temperature)
+    lse = torch.logsumexp(y, dim=-1)
+    lp = y - lse[:, None]
+    p = lp.exp()
+    entropy = -(torch.where(p > 0, p * lp, torch.zeros_like(p))).sum(-1)
+    order = torch.sort(y, dim=-1, descending=True, stable=True).indices[:, :k]
+    return order, lp.gather(1, order), lse, entropy
+
+
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    y = _scaled(logits, temperature)
+    lse = torch.logsumexp(y, dim=-1)
+    return y.gather(1, ids.long()) - lse[:, None], lse
+
+
+_RAW = {"student_p_raw": "student", "teacher_p_raw": "teacher"}
+
+
+def opd_weights(student_lp, teacher_lp, valid, weight_mode: str):
+    """w_t(v) over the valid set (METHOD.md 2.3)."""
+    if weight_mode == "none":
+        count = valid.sum(-1, keepdim=True).clamp(min=1)
+        return valid / count
+    src = student_lp if weight_mode in ("student_p", "student_p_raw") else teacher_lp
+    masked = src.masked_fill(~valid, float("-inf"))
+    if weight_mode in _RAW:
+        return torch.where(valid, masked.exp(), torch.zeros_like(src))
+    w = torch.softmax(masked, dim=-1)
+    return torch.where(valid, w, torch.zeros_like(w)).nan_to_num(0.0)
+
+
+def opd_rewards(student_lp, teacher_lp, valid, weight_mode="student_p", log_ratio_clip=0.0):
+    """(rewards [N,K], loss [N]): r = -w * clip(log p - log q), loss = -sum sg(r) * log p."""
+    tq = teacher_lp.to(student_lp.dtype)
+    l = student_lp - tq
+    if log_ratio_clip > 0:
+        l = l.clamp(-log_ratio_clip, log_ratio_clip)
+    w = opd_weights(student_lp, tq, valid, weight_mode)
+    r = torch.where(valid, -w * l, torch.zeros_like(l))
+    loss = -(r * torch.where(valid, student_lp, torch.zeros_like(student_lp))).sum(-1)
+    return r, loss
+
+
+def opd_topk_loss(student_logits, ids, teacher_logprobs, valid=None, weight_mode="student_p", temperature=1.0,
+                  log_ratio_clip=0.0):
+    """Per-token loss through autograd: loss_t = -sum_v sg(r_t(v)) * log p_t(v). Returns (loss, rewards)."""
+    if valid is None:
+        valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    lp = log_softmax(student_logits, temperature)
+    slp = lp.gather(1, ids.long())
+    r, _ = opd_rewards(slp.detach(), teacher_logprobs, valid, weight_mode, log_ratio_clip)
+    loss = -(r * torch.where(valid, slp, torch.zeros_like(slp))).sum(-1)
+    return loss, r
+
+
+def renorm_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperature=1.0):
+    """KL(pbar || qbar) with both renormalised over the valid set."""
+    if valid is None:
+        valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    z = _scaled(student_logits, temperature).gather(1, ids.long()).masked_fill(~valid, float("-inf"))
+    tq = teacher_logprobs.to(z.dtype).masked_fill(~valid, float("-inf"))
+    lp = torch.log_softmax(z, -1)
+    lq = torch.log_softmax(tq, -1)
+    p = lp.exp()
+    term = torch.where(valid & (p > 0), p * (lp - lq), torch.zeros_like(p))
+    return term.sum(-1)
+
+
+def build_token_set(student_ids, teacher_ids, strategy):
+    """Loop version of opdcore.build_token_set: (ids, valid) with the same column layout."""
+    from opdcore.ops.token_set import canonical_strategy
+
+    s = canonical_strategy(strategy)
+    rows = []
+    for n in range(student_ids.shape[0]):
+        S = student_ids[n].tolist()
+        T = teacher_ids[n].tolist() if teacher_ids is not None else []
+        if s == "student":
+            rows.append((S, [True] * len(S)))
+        elif s == "teacher":
+            rows.append((T, [True] * len(T)))
+        elif s == "intersection":
+            rows.append((S, [v in T for v in S]))
+        elif s == "union":
+            rows.append((S + T, [True] * len(S) + [v not in S for v in T]))
+        else:
+            rows.append((S + T, [v not in T for v in S] + [v not in S for v in T]))
+    ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    valid = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+    return ids, valid
+
+
+# ---- packed sequences ------------------------------------------------------------------------------------------
