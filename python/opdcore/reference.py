@@ -42,7 +42,7 @@ def opd_weights(student_lp, teacher_lp, valid, weight_mode: str):
     """w_t(v) over the valid set (METHOD.md 2.3)."""
     if weight_mode == "none":
         count = valid.sum(-1, keepdim=True).clamp(min=1)
-        return valid / count
+        return valid.to(student_lp.dtype) / count
     src = student_lp if weight_mode in ("student_p", "student_p_raw") else teacher_lp
     masked = src.masked_fill(~valid, float("-inf"))
     if weight_mode in _RAW:
@@ -79,13 +79,17 @@ def renorm_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperatur
     """KL(pbar || qbar) with both renormalised over the valid set."""
     if valid is None:
         valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
-    z = _scaled(student_logits, temperature).gather(1, ids.long()).masked_fill(~valid, float("-inf"))
-    tq = teacher_logprobs.to(z.dtype).masked_fill(~valid, float("-inf"))
-    lp = torch.log_softmax(z, -1)
-    lq = torch.log_softmax(tq, -1)
-    p = lp.exp()
-    term = torch.where(valid & (p > 0), p * (lp - lq), torch.zeros_like(p))
-    return term.sum(-1)
+    z = _scaled(student_logits, temperature).gather(1, ids.long())
+    tq = teacher_logprobs.to(z.dtype)
+    some = valid.any(-1, keepdim=True)  # a row with an empty set stays finite and contributes 0
+
+    def masked_log_softmax(a):
+        a = torch.where(valid, a, torch.full_like(a, float("-inf")))
+        return torch.where(valid, torch.log_softmax(torch.where(some, a, torch.zeros_like(a)), -1), torch.zeros_like(a))
+
+    lp, lq = masked_log_softmax(z), masked_log_softmax(tq)
+    p = torch.where(valid, lp.exp(), torch.zeros_like(lp))
+    return (p * (lp - lq)).sum(-1)
 
 
 def build_token_set(student_ids, teacher_ids, strategy):
