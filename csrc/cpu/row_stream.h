@@ -87,13 +87,15 @@ inline bool row_update(const RowRef<A>& r, const T* x, int64_t n, int64_t cs, in
       for (int64_t j = 0; j < nb; ++j) buf[j] = A(to_float(xb[j * cs])) * inv_t;
     }
     A bmax = neg_inf<A>();
-    int bad = 0;
+    int bad = 0, candidates = 0;
     const A pinf = std::numeric_limits<A>::infinity();
-#pragma omp simd reduction(max : bmax) reduction(| : bad)
+    const A thr0 = r.k > 0 ? r.hv[0] : pinf;  // heap threshold before this block
+#pragma omp simd reduction(max : bmax) reduction(| : bad) reduction(+ : candidates)
     for (int64_t j = 0; j < nb; ++j) {
       const A y = buf[j];
       bmax = y > bmax ? y : bmax;
       bad |= int(!(y == y)) | int(y == pinf);
+      candidates += int(y >= thr0);
     }
     if (bad) return false;
     if (bmax > *r.max) {
@@ -119,7 +121,7 @@ inline bool row_update(const RowRef<A>& r, const T* x, int64_t n, int64_t cs, in
       *r.t += t;
     }
     const int64_t base = off + b0;
-    if (r.k > 0) {
+    if (candidates > 0) {  // most blocks of a long row hold nothing that can enter the heap
       // Threshold rejection: a group of 16 values is looked at one by one only if one may enter the heap.
       int64_t j = 0;
       for (; j + 16 <= nb; j += 16) {

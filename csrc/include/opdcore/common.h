@@ -19,17 +19,10 @@ template <typename T> using acc_t = typename acc_type<T>::type;
 
 inline float to_float(float x) { return x; }
 inline double to_float(double x) { return x; }
-inline float to_float(bfloat16 x) {
-  uint32_t b = uint32_t(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
+inline float to_float(bfloat16 x) { return __builtin_bit_cast(float, uint32_t(x.bits) << 16); }
 inline float to_float(float16 x) {
 #if defined(__FLT16_MANT_DIG__)
-  _Float16 h;
-  std::memcpy(&h, &x.bits, 2);
-  return float(h);
+  return float(__builtin_bit_cast(_Float16, x.bits));
 #else
   const uint32_t h = x.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
   uint32_t b;
@@ -88,9 +81,12 @@ inline void from_float(float v, float16* out) {
 // exp(x) for x <= 0 (the only range the streaming softmax needs), vectorisable: Cephes-style range
 // reduction plus a degree-6 polynomial, about 2 ulp. Returns 0 below -87 (underflow) and for -inf.
 inline float exp_nonpos(float x) {
-  const bool tiny = !(x > -87.0f);
-  x = tiny ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // Branch-free on purpose: a conditional here becomes a jump and stops gcc vectorising the callers' loops.
+  const float keep = x > -87.0f ? 1.0f : 0.0f;
+  x = x > -87.0f ? x : -87.0f;
+  // n = round(x / ln 2) by the 1.5 * 2^23 trick: std::floor does not vectorise under gcc's default
+  // -ftrapping-math. Exact for |x / ln 2| < 2^22, far beyond the clamped range.
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -100,10 +96,9 @@ inline float exp_nonpos(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return tiny ? 0.0f : y * scale;
+  // __builtin_bit_cast, not memcpy: a memcpy into a local also blocks vectorisation of `omp simd` loops.
+  const float scale = __builtin_bit_cast(float, (int32_t(n) + 127) << 23);
+  return keep * y * scale;
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
