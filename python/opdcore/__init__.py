@@ -11,5 +11,6 @@ from opdcore.ops import (
     renorm_topk_kl,
     topk_logprobs,
 )
+from opdcore.packing import PackedBatch, PackedBuffer, from_padded, split_micro_batches, to_padded
 
 __version__ = build_info()["version"]

@@ -117,3 +117,67 @@ def build_token_set(student_ids, teacher_ids, strategy):
 
 
 # ---- packed sequences ------------------------------------------------------------------------------------------
+
+
+def pad_packed(packed, cu_seqlens, max_seqlen, pad_value=0.0):
+    """Packed [N, ...] -> padded [B, max_seqlen, ...], a Python loop over sequences."""
+    cu = cu_seqlens.tolist()
+    out = torch.full((len(cu) - 1, max_seqlen, *packed.shape[1:]), pad_value, dtype=packed.dtype)
+    for b in range(len(cu) - 1):
+        out[b, :cu[b + 1] - cu[b]] = packed[cu[b]:cu[b + 1]]
+    return out
+
+
+def unpad_packed(padded, cu_seqlens):
+    """Padded [B, T, ...] -> packed [N, ...]."""
+    cu = cu_seqlens.tolist()
+    return torch.cat([padded[b, :cu[b + 1] - cu[b]] for b in range(len(cu) - 1)])
+
+
+def pack_sequences(prompts, responses, payloads=None):
+    """The PackedBuffer.pack layout from lists of 1-D id tensors (and a list of payload dicts per sequence)."""
+    lens = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    out = {
+        "input_ids": torch.cat([torch.cat([p.long(), r.long()]) for p, r in zip(prompts, responses)]),
+        "position_ids": torch.cat([torch.arange(n) for n in lens]),
+        "cu_seqlens": cu,
+        "max_seqlen": max(lens),
+        "loss_mask": torch.cat([torch.arange(len(p) + len(r)) >= len(p) for p, r in zip(prompts, responses)]),
+        "payloads": {},
+    }
+    for name in (payloads[0] if payloads else {}):
+        parts = []
+        for p, d in zip(prompts, payloads):
+            x = d[name]
+            parts += [torch.zeros((len(p), *x.shape[1:]), dtype=x.dtype), x]
+        out["payloads"][name] = torch.cat(parts)
+    return out
+
+
+def split_micro_batches(lengths, max_tokens=None, num_micro_batches=None):
+    """Longest-first greedy to the least-loaded micro-batch (ties: lower index / lower micro-batch).
+
+    With only max_tokens, the fewest micro-batches from ceil(total / max_tokens) up for which it fits.
+    """
+    import heapq
+
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+    def greedy(k):
+        heap = [(0, j) for j in range(k)]
+        bins = [[] for _ in range(k)]
+        for i in order:
+            load, j = heapq.heappop(heap)
+            if max_tokens is not None and load + lengths[i] > max_tokens:
+                return None
+            bins[j].append(i)
+            heapq.heappush(heap, (load + lengths[i], j))
+        return [sorted(b) for b in bins]
+
+    if num_micro_batches is not None:
+        return greedy(num_micro_batches)
+    k = max(1, -(-sum(lengths) // max_tokens))
+    while (bins := greedy(k)) is None:
+        k += 1
+    return bins

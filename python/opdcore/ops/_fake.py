@@ -71,3 +71,37 @@ def _(set_logits, teacher_logprobs, valid, temperature):
 @lib.register_fake("opdcore::renorm_kl_bwd")
 def _(grad_loss, pbar, log_ratio, loss, temperature):
     return torch.empty_like(pbar)
+
+
+def _check_cu_seqlens_meta(cu_seqlens, ref, ref_name):
+    # The metadata checks of the CPU kernel, so traced code fails the same way (values are not visible here).
+    if cu_seqlens.dtype != torch.int32:
+        raise RuntimeError(f"cu_seqlens must be int32 (the flash-attn convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise RuntimeError(f"cu_seqlens must be 1-D [B+1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.shape[0] < 2:
+        raise RuntimeError(f"cu_seqlens must hold B+1 >= 2 entries, got {cu_seqlens.shape[0]} (an empty batch)")
+    if cu_seqlens.device != ref.device:
+        raise RuntimeError(f"cu_seqlens is on {cu_seqlens.device} but {ref_name} is on {ref.device}")
+
+
+@lib.register_fake("opdcore::pad_packed")
+def _(packed, cu_seqlens, max_seqlen, pad_value=0.0):
+    if packed.dim() < 1:
+        raise RuntimeError("packed must be at least 1-D [N, ...], got a 0-d tensor")
+    _check_cu_seqlens_meta(cu_seqlens, packed, "packed")
+    if max_seqlen < 0:
+        raise RuntimeError(f"max_seqlen = {max_seqlen} is shorter than the longest sequence in cu_seqlens")
+    return packed.new_empty((cu_seqlens.shape[0] - 1, max_seqlen, *packed.shape[1:]))
+
+
+@lib.register_fake("opdcore::unpad_packed")
+def _(padded, cu_seqlens):
+    if padded.dim() < 2:
+        raise RuntimeError(f"padded must be at least 2-D [B, T, ...], got shape {tuple(padded.shape)}")
+    _check_cu_seqlens_meta(cu_seqlens, padded, "padded")
+    if padded.shape[0] != cu_seqlens.shape[0] - 1:
+        raise RuntimeError(f"padded has {padded.shape[0]} sequences (dim 0) but cu_seqlens describes "
+                           f"{cu_seqlens.shape[0] - 1}")
+    n = torch.library.get_ctx().new_dynamic_size()  # N = cu_seqlens[-1], a data-dependent size
+    return padded.new_empty((n, *padded.shape[2:]))
