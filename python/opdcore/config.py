@@ -1,0 +1,299 @@
+"""The trainer's configuration: one dataclass tree, loaded from YAML with `key=value` command-line overrides.
+
+Defaults are the reference hyperparameters of METHOD.md section 5 (1.5B-4B models). The embedded synthetic
+default run (`python examples/train.py` with no arguments) layers examples/configs/synthetic.yaml on top.
+Every value is checked before any model loads; an unknown key is an error that suggests the closest known one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from opdcore.losses import AGGREGATIONS
+from opdcore.ops import STRATEGIES, STRATEGY_ALIASES, WEIGHT_MODES
+
+
+@dataclass
+class ModelConfig:
+    student: str = "synthetic"  # Hugging Face path or name; "synthetic" builds the embedded default task's models
+    teacher: str = "synthetic"
+    tokenizer: Optional[str] = None  # default: the student's
+    dtype: str = "float32"  # float32 | bfloat16 (weights and compute)
+    gradient_checkpointing: bool = False
+    teacher_sharding: str = "replicate"  # replicate | fsdp (with world size > 1)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf (transformers generate) | vllm
+    n: int = 4  # responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 7168
+    batch_size: int = 64  # prompts per generate call (hf)
+    vllm_gpu_memory_utilization: float = 0.4
+    vllm_enforce_eager: bool = True
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""  # JSONL or Parquet; empty with model.student=synthetic: the synthetic task
+    eval_path: str = ""
+    prompt_key: str = "prompt"
+    answer_key: Optional[str] = None  # default: answer, ground_truth or reward_model.ground_truth
+    max_prompt_tokens: int = 1024  # longer prompts are dropped (and counted)
+    chat_template: Optional[bool] = None  # None: use it when the tokenizer has one or the prompt is chat messages
+    chat_template_kwargs: dict = field(default_factory=dict)  # e.g. {enable_thinking: false}
+
+
+@dataclass
+class LossConfig:
+    topk: int = 16  # 0: sampled-token OPD (METHOD.md 2.1)
+    strategy: str = "student"  # student | teacher | intersection | union | symmetric_difference (+ fork aliases)
+    weight_mode: str = "auto"  # auto (student_p; student_p_raw for symmetric_difference) or a WEIGHT_MODES name
+    log_ratio_clip: float = 0.0  # 0: off
+    aggregation: str = "token-mean"
+    renorm_kl: bool = False  # exact renormalised top-k reverse KL (METHOD.md 2.4)
+    teacher_temperature: float = 1.0
+    outcome_weight: float = 0.0  # hybrid (METHOD.md 2.6): + w * GRPO-normalised verifiable reward
+    fused_lm_head: bool = True  # loss on hidden states + LM head, never [tokens, vocab] logits
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine/linear decay floor as a fraction of lr
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    prompts_per_step: int = 64  # global, across data-parallel ranks
+    micro_batch_tokens: int = 16384  # token budget of one forward/backward
+    seed: int = 0
+    output_dir: str = "runs/opd"
+    save_every: int = 50  # 0: only the final model
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
+    log_every: int = 1
+    threads: int = 0  # torch threads per process; 0: cores / local world size
+    progress: bool = True
+    tensorboard: bool = True  # when tensorboard is installed
+
+
+@dataclass
+class EvalConfig:
+    every: int = 25  # 0: only before and after training
+    max_prompts: int = 256
+    n: int = 1  # avg@n
+    temperature: float = 0.0  # 0: greedy
+    max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.teacher_sharding": ("replicate", "fsdp"),
+    "rollout.engine": ("hf", "vllm"),
+    "loss.strategy": STRATEGIES + tuple(STRATEGY_ALIASES),
+    "loss.weight_mode": ("auto",) + WEIGHT_MODES,
+    "loss.aggregation": AGGREGATIONS,
+    "optim.schedule": ("constant", "cosine", "linear"),
+}
+
+# (key, predicate, what is expected)
+RANGES = [
+    ("rollout.n", lambda v: v >= 1, ">= 1"),
+    ("rollout.temperature", lambda v: v > 0, "> 0"),
+    ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("rollout.batch_size", lambda v: v >= 1, ">= 1"),
+    ("rollout.vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("data.max_prompt_tokens", lambda v: v >= 1, ">= 1"),
+    ("loss.topk", lambda v: v >= 0, ">= 0 (0: sampled-token)"),
+    ("loss.log_ratio_clip", lambda v: v >= 0, ">= 0"),
+    ("loss.teacher_temperature", lambda v: v > 0, "> 0"),
+    ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.steps", lambda v: v >= 0, ">= 0"),
+    ("train.prompts_per_step", lambda v: v >= 1, ">= 1"),
+    ("train.micro_batch_tokens", lambda v: v >= 1, ">= 1"),
+    ("train.save_every", lambda v: v >= 0, ">= 0"),
+    ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.threads", lambda v: v >= 0, ">= 0"),
+    ("eval.every", lambda v: v >= 0, ">= 0"),
+    ("eval.max_prompts", lambda v: v >= 0, ">= 0"),
+    ("eval.n", lambda v: v >= 1, ">= 1"),
+    ("eval.temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
+    ("eval.max_new_tokens", lambda v: v >= 0, ">= 0"),
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (raised before any model loads)."""
+
+
+def _fields(obj) -> dict:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def flat_items(cfg: Config):
+    """Yield (dotted key, value, comment-free type name) for every leaf."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            yield f"{section.name}.{f.name}", getattr(sub, f.name), hints[f.name]
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check value against the field's type; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union and type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            return tuple(float(v) for v in value)
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:  # pragma: no cover - a new field type needs a rule here
+        raise TypeError(f"config field {key} has unsupported type {hint}")
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} expects {name}, got {value!r} ({type(value).__name__})")
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set a dotted key (`loss.topk`) with type checking; unknown keys suggest the closest known one."""
+    known = [k for k, _, _ in flat_items(cfg)]
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see --help for every key"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    section, name = key.split(".", 1)
+    sub = getattr(cfg, section)
+    hint = typing.get_type_hints(type(sub))[name]
+    setattr(sub, name, _coerce(key, value, hint))
+
+
+def _apply_mapping(cfg: Config, mapping: dict, prefix: str = "") -> None:
+    for k, v in mapping.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and "." not in key:  # a section
+            sections = [f.name for f in dataclasses.fields(cfg)]
+            if key not in sections:
+                close = difflib.get_close_matches(key, sections, n=1)
+                raise ConfigError(f"unknown config section {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                  f"; sections are {', '.join(sections)}"))
+            _apply_mapping(cfg, v, key + ".")
+        else:
+            set_key(cfg, key, v)
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raises ConfigError naming the key."""
+    values = {k: v for k, v, _ in flat_items(cfg)}
+    for key, choices in CHOICES.items():
+        if values[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {values[key]!r}")
+    for key, ok, what in RANGES:
+        if not ok(values[key]):
+            raise ConfigError(f"{key} must be {what}; got {values[key]!r}")
+    if cfg.model.student == "synthetic" and cfg.data.train_path:
+        raise ConfigError("data.train_path is set but model.student=synthetic builds its own task; "
+                          "set model.student/model.teacher to Hugging Face models to train on your data")
+    if cfg.model.student != "synthetic" and not cfg.data.train_path:
+        raise ConfigError("data.train_path is required with a Hugging Face student (model.student="
+                          f"{cfg.model.student!r})")
+    if (cfg.model.student == "synthetic") != (cfg.model.teacher == "synthetic"):
+        raise ConfigError("model.student and model.teacher must both be 'synthetic' or both be real models")
+    if cfg.loss.renorm_kl and cfg.loss.topk == 0:
+        raise ConfigError("loss.renorm_kl needs loss.topk > 0")
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:
+    """Defaults <- YAML file (optional) <- `key=value` overrides (values parsed as YAML scalars/lists)."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        _apply_mapping(cfg, data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example loss.topk=8)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+        set_key(cfg, key.strip(), value)
+    return validate(cfg)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text() -> str:
+    """Every key with its default, grouped by section (the text of `--help`)."""
+    lines, section = [], None
+    for key, value, hint in flat_items(Config()):
+        s = key.split(".")[0]
+        if s != section:
+            lines.append(f"\n[{s}]")
+            section = s
+        choices = CHOICES.get(key)
+        extra = f"  one of: {', '.join(choices)}" if choices else ""
+        lines.append(f"  {key} = {value!r}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""The small interface every rollout engine implements."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1  # responses per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    seed: Optional[int] = None
+
+
+@dataclass
+class Rollout:
+    """One sampled response."""
+    prompt_index: int  # index into the prompts given to generate()
+    prompt_ids: List[int]
+    response_ids: List[int]  # includes the EOS token when the response stopped on it
+    rollout_logprobs: Optional[List[float]]  # the engine's log-prob of each response token, if it reports them
+    finished: bool  # stopped on EOS (False: truncated at max_new_tokens)
+
+
+class RolloutEngine(abc.ABC):
+    """generate() samples n responses per prompt; update_weights() loads the student's new weights."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: List[List[int]], sampling: SamplingConfig) -> List[Rollout]:
+        """Rollouts ordered prompt by prompt, n per prompt."""
+
+    @abc.abstractmethod
+    def update_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Load full (unsharded) student weights, named as in the Hugging Face model."""
+
+    def close(self) -> None:  # pragma: no cover - engines with resources override it
+        pass
+
+
+def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
+    """Build the engine named by rollout.engine. `model` is the student (hf) or its saved directory (vllm)."""
+    if name == "hf":
+        from opdcore.rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, **kwargs)
+    if name == "vllm":
+        from opdcore.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model, tokenizer, **kwargs)
+    raise ValueError(f"rollout engine must be 'hf' or 'vllm', got {name!r}")

@@ -1,0 +1,104 @@
+"""Rollouts with transformers' generate: runs anywhere torch runs (the default; CPU included)."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopPLogitsWarper)
+
+from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig
+
+
+class _RecordLogprobs(LogitsProcessor):
+    """Records the log-prob of each sampled token under the distribution it was sampled from.
+
+    Placed after the temperature / top-p warpers: at step t it sees the token chosen at step t-1 as the last
+    input id and the previous step's log-probs, which it keeps (one [B, V] tensor, never the whole history).
+    """
+
+    def __init__(self):
+        self.prev = None
+        self.taken: List[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, steps] log-probs, given the tokens sampled at the final step."""
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.taken, dim=1) if self.taken else torch.empty(last_tokens.shape[0], 0)
+
+
+class HFEngine(RolloutEngine):
+    """Generates with a plain (unsharded) copy of the student.
+
+    With one process the engine can share the training model itself (no weight sync needed); under FSDP the
+    trainer gives it a separate replica and calls update_weights() after each step.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 64, shares_training_model: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.shares_training_model = shares_training_model
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set one (for example tokenizer.pad_token = eos)")
+
+    @torch.no_grad()
+    def generate(self, prompts: List[List[int]], sampling: SamplingConfig) -> List[Rollout]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out: List[Rollout] = []
+            expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
+            for start in range(0, len(expanded), self.batch_size):
+                out.extend(self._generate_batch(expanded[start:start + self.batch_size], sampling))
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _generate_batch(self, items, sampling: SamplingConfig) -> List[Rollout]:
+        tok = self.tokenizer
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+        width = max(len(p) for _, p in items)
+        device = next(self.model.parameters()).device
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.long)
+        for row, (_, p) in enumerate(items):  # left padding: generation continues from the right end
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        greedy = sampling.temperature == 0
+        recorder = _RecordLogprobs()
+        processors = LogitsProcessorList()
+        if not greedy:
+            # our own warpers, in a fixed order, so the recorder sees exactly the sampling distribution
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_p < 1.0:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+        processors.append(recorder)
+        # temperature 1 / top-p 1 / top-k 0 keep generate from adding warpers of its own
+        config = GenerationConfig(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, temperature=1.0,
+                                  top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos, bos_token_id=tok.bos_token_id)
+        gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                  logits_processor=processors)
+        new = gen[:, width:].cpu()
+        logprobs = recorder.finish(new[:, -1].to(recorder.prev.device) if new.shape[1] else new[:, 0]).cpu()
+        rollouts = []
+        for row, (i, p) in enumerate(items):
+            toks = new[row].tolist()
+            finished = eos in toks
+            length = toks.index(eos) + 1 if finished else len(toks)
+            rollouts.append(Rollout(i, list(p), toks[:length], logprobs[row, :length].tolist(), finished))
+        return rollouts
+
+    def update_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        if self.shares_training_model:
+            return  # generating with the training model itself: already current
+        missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
+        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+            raise RuntimeError(f"weight sync mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -1,0 +1,1 @@
+"""The OPD training system: models, rollouts, teacher scoring, the update, checkpoints and logging."""

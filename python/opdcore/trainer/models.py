@@ -1,0 +1,140 @@
+"""Student and teacher models: loading, vocabulary alignment, the fused-head wrapper, FSDP2 sharding."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+import opdcore
+from opdcore.ops import opd_topk_loss_linear, renorm_topk_kl_linear
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # generation pads finished rows; the loss never reads padding
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str, device: torch.device, trust_remote_code: bool = False) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def vocab_limit(student, teacher, student_tok, teacher_tok) -> int:
+    """The shared real vocabulary size; raises if the two models do not share a tokenizer.
+
+    LM heads are often padded past the tokenizer (e.g. 151936 rows for 151665 tokens); padded rows are never
+    real tokens, so both models are scored on the first len(tokenizer) rows and differing padding is fine.
+    """
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+        diff = sorted(set(s.items()) ^ set(t.items()), key=lambda kv: kv[1])[:5]
+        raise ValueError("student and teacher tokenizers differ (OPD needs one shared vocabulary): "
+                         f"{len(s)} vs {len(t)} tokens; first differences {diff}")
+    n = len(student_tok)
+    for name, m in (("student", student), ("teacher", teacher)):
+        rows = m.get_output_embeddings().weight.shape[0]
+        if rows < n:
+            raise ValueError(f"the {name} LM head has {rows} rows but the tokenizer has {n} tokens")
+    return n
+
+
+def _fused_head_supported(model) -> bool:
+    """The fused path computes hidden @ W.T; models that post-process logits need the plain path."""
+    cfg = model.config
+    return not (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+                or getattr(model.get_output_embeddings(), "bias", None) is not None)
+
+
+class OPDModel(nn.Module):
+    """A causal LM whose forward returns per-response-token results computed from its hidden states.
+
+    Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
+    (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
+    positions whose hidden state predicts a response token (the position before it).
+    """
+
+    def __init__(self, hf_model: nn.Module, vocab: int):
+        super().__init__()
+        self.hf = hf_model
+        self.vocab = vocab
+        self.fused = _fused_head_supported(hf_model)
+
+    def _hidden(self, input_ids, attention_mask, pred_index):
+        base = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.base_model
+        h = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h.reshape(-1, h.shape[-1])[pred_index]
+
+    def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
+        if not self.fused:
+            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]
+            return self._from_logits(logits, mode, **kw)
+        h = self._hidden(input_ids, attention_mask, pred_index)
+        w = self.hf.get_output_embeddings().weight[:self.vocab]
+        if mode == "score":
+            return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
+        if mode == "loss":
+            return opd_topk_loss_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                        weight_mode=kw["weight_mode"], temperature=kw["temperature"],
+                                        log_ratio_clip=kw["log_ratio_clip"]).loss
+        if mode == "renorm_kl":
+            return renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                         temperature=kw["temperature"])
+        raise ValueError(f"unknown mode {mode!r}")
+
+    def _from_logits(self, logits, mode, **kw):
+        if mode == "score":
+            with torch.no_grad():
+                top = opdcore.topk_logprobs(logits, max(kw["k"], 1), kw["temperature"])
+                tgt, _ = opdcore.logprobs_at(logits, kw["ids"], kw["temperature"])
+            k = kw["k"]
+            return opdcore.ops.StreamResult(top.ids[:, :k], top.logprobs[:, :k], top.lse, top.entropy, tgt)
+        if mode == "loss":
+            return opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                         weight_mode=kw["weight_mode"], temperature=kw["temperature"],
+                                         log_ratio_clip=kw["log_ratio_clip"]).loss
+        if mode == "renorm_kl":
+            return opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                          temperature=kw["temperature"])
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+def decoder_layers(hf_model: nn.Module):
+    """The transformer blocks (each becomes one FSDP2 unit), found by the model's _no_split_modules."""
+    names = set(getattr(hf_model, "_no_split_modules", None) or [])
+    layers = [m for m in hf_model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(hf_model).__name__} for FSDP sharding")
+    return layers
+
+
+def shard(model: OPDModel) -> OPDModel:
+    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, LM head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model.hf):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: OPDModel, sharded: bool) -> Dict[str, torch.Tensor]:
+    """Unsharded Hugging Face-named weights (CPU) on every rank."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # cpu_offload would leave the full weights on rank 0 only; every rank's rollout replica needs them
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        sd = {k: v.detach().cpu() for k, v in sd.items()}
+    else:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k[len("hf."):]: v for k, v in sd.items() if k.startswith("hf.")}
