@@ -34,6 +34,15 @@ class _RecordLogprobs(LogitsProcessor):
         return torch.stack(self.taken, dim=1) if self.taken else torch.empty(last_tokens.shape[0], 0)
 
 
+class _MaskPaddedVocab(LogitsProcessor):
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.limit:] = float("-inf")
+        return scores
+
+
 class HFEngine(RolloutEngine):
     """Generates with a plain (unsharded) copy of the student.
 
@@ -41,8 +50,10 @@ class HFEngine(RolloutEngine):
     trainer gives it a separate replica and calls update_weights() after each step.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, shares_training_model: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 64, shares_training_model: bool = False,
+                 vocab_limit: int = 0):
         self.model = model
+        self.vocab_limit = vocab_limit
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.shares_training_model = shares_training_model
@@ -75,6 +86,8 @@ class HFEngine(RolloutEngine):
         greedy = sampling.temperature == 0
         recorder = _RecordLogprobs()
         processors = LogitsProcessorList()
+        if self.vocab_limit and self.vocab_limit < self.model.get_output_embeddings().weight.shape[0]:
+            processors.append(_MaskPaddedVocab(self.vocab_limit))  # padded LM-head rows are not tokens
         if not greedy:
             # our own warpers, in a fixed order, so the recorder sees exactly the sampling distribution
             processors.append(TemperatureLogitsWarper(sampling.temperature))

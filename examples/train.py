@@ -1,0 +1,10 @@
+"""On-policy distillation with opdcore: `python examples/train.py` or `torchrun --nproc-per-node=2 examples/train.py`.
+
+With no arguments this runs the embedded synthetic default on the CPU; `--help` lists every setting.
+"""
+import sys
+
+from opdcore.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""`python examples/train.py [--config FILE] [key=value ...]` (also under torchrun)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from opdcore.config import ConfigError, help_text, load_config
+
+SYNTHETIC_PRESET = os.path.join(os.path.dirname(__file__), "configs", "synthetic.yaml")
+
+USAGE = """usage: train.py [--config FILE] [key=value ...]
+
+On-policy distillation with opdcore. With no --config and no model.student override, the embedded synthetic
+default runs (python/opdcore/configs/synthetic.yaml). Overrides use dotted keys, e.g. loss.topk=0
+optim.lr=3e-4 data.chat_template_kwargs='{enable_thinking: false}'.
+Run under torchrun for data parallelism: torchrun --nproc-per-node=2 examples/train.py
+
+Every key and its default (METHOD.md section 5 reference hyperparameters):"""
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config")
+    p.add_argument("-h", "--help", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    unknown_flags = [a for a in rest if a.startswith("--")]
+    if unknown_flags:
+        raise ConfigError(f"unknown option {unknown_flags[0]}; settings are key=value overrides (see --help)")
+    path = args.config
+    if path is None and not any(o.split("=", 1)[0].strip() == "model.student" for o in rest):
+        path = SYNTHETIC_PRESET
+    return args, path, rest
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, path, overrides = parse(argv)
+        if args.help:
+            print(USAGE + help_text())
+            return 0
+        cfg = load_config(path, tuple(overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from opdcore.trainer.loop import Trainer  # heavy imports only once the config is known to be valid
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        from opdcore.trainer import dist
+
+        dist.shutdown()
+    return 0

@@ -1,0 +1,56 @@
+"""Metrics: JSONL per step, TensorBoard when installed, and a progress bar (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+from opdcore.trainer import dist
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress: bool):
+        self.main = dist.is_main()
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.tb = None
+        self.bar = None
+        if not self.main:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: logging to metrics.jsonl only")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="OPD", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Dict[str, float], kind: str = "train") -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if self.bar is not None and kind == "train":
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                 acc=f"{metrics.get('train_accuracy', float('nan')):.2f}",
+                                 tok_s=f"{metrics.get('tokens_per_s', 0):.0f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.main:
+            return
+        (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self, final: Optional[Dict[str, float]] = None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

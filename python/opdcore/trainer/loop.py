@@ -1,0 +1,253 @@
+"""The OPD training loop (METHOD.md sections 2 and 5): rollouts, scoring, update, weight sync, logging."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import time
+from typing import Dict, List
+
+import torch
+
+from opdcore.config import Config, to_dict
+from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
+from opdcore.data.reward import verify
+from opdcore.rollout import SamplingConfig
+from opdcore.rollout.hf import HFEngine
+from opdcore.trainer import checkpoint, dist, metrics as M
+from opdcore.trainer import microbatch, step as S
+from opdcore.trainer.logger import MetricsLogger
+from opdcore.trainer.models import OPDModel, full_state_dict, load_causal_lm, load_tokenizer, shard, vocab_limit
+from opdcore.trainer.schedule import make_scheduler
+
+
+def _threads(cfg: Config) -> int:
+    n = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world())
+    torch.set_num_threads(n)
+    return n
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        dist.init()
+        self.cfg = cfg
+        self.device = dist.device()
+        self.threads = _threads(cfg)
+        if cfg.train.prompts_per_step % dist.world():
+            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the world "
+                             f"size {dist.world()}")
+        torch.manual_seed(cfg.train.seed + dist.rank())
+        self.out = cfg.train.output_dir
+        self.log = MetricsLogger(self.out, cfg.train.steps, 0, False, False)  # replaced after resume
+        paths = self._resolve_paths()
+        self._load_models(paths)
+        self._load_data(paths)
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, o.schedule, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
+        self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, cfg.train.seed,
+                                     dist.rank(), dist.world())
+        self.step = 0
+        self._maybe_resume()
+        self.log = MetricsLogger(self.out, cfg.train.steps, self.step, cfg.train.tensorboard, cfg.train.progress)
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+
+    def _resolve_paths(self) -> Dict[str, str]:
+        m, d = self.cfg.model, self.cfg.data
+        if m.student != "synthetic":
+            return {"student": m.student, "teacher": m.teacher, "tokenizer": m.tokenizer or m.student,
+                    "train": d.train_path, "eval": d.eval_path}
+        from opdcore.data.synthetic import prepare_default_setup
+
+        cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
+        setup = None
+        if dist.is_main():  # one rank trains the synthetic teacher (cached on disk), the others wait
+            setup = prepare_default_setup(os.path.join(cache, "synthetic"), seed=self.cfg.train.seed)
+        setup = dist.broadcast_object(setup)
+        return {"student": setup.student_dir, "teacher": setup.teacher_dir, "tokenizer": setup.tokenizer_dir,
+                "train": setup.train_prompts_path, "eval": setup.eval_prompts_path}
+
+    def _load_models(self, paths: Dict[str, str]) -> None:
+        m = self.cfg.model
+        self.tokenizer = load_tokenizer(paths["tokenizer"], m.trust_remote_code)
+        teacher_tok = load_tokenizer(m.tokenizer or paths["teacher"] if m.teacher != "synthetic"
+                                     else paths["tokenizer"], m.trust_remote_code)
+        student_hf = load_causal_lm(paths["student"], m.dtype, self.device, m.trust_remote_code)
+        teacher_hf = load_causal_lm(paths["teacher"], m.dtype, self.device, m.trust_remote_code)
+        self.vocab = vocab_limit(student_hf, teacher_hf, self.tokenizer, teacher_tok)
+        teacher_hf.requires_grad_(False).eval()
+        if m.gradient_checkpointing:
+            student_hf.gradient_checkpointing_enable()
+        student_hf.train()
+        self.sharded = dist.world() > 1
+        # rollouts: the training model itself in one process; a plain replica synced after each step under FSDP
+        engine_model = copy.deepcopy(student_hf).eval() if self.sharded else student_hf
+        self.student = OPDModel(student_hf, self.vocab)
+        self.teacher = OPDModel(teacher_hf, self.vocab)
+        if self.sharded:
+            shard(self.student)
+            if m.teacher_sharding == "fsdp":
+                shard(self.teacher)
+        r = self.cfg.rollout
+        if r.engine == "vllm":
+            from opdcore.rollout.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
+                                     gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                                     enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed)
+        else:
+            self.engine = HFEngine(engine_model, self.tokenizer, batch_size=r.batch_size,
+                                   shares_training_model=not self.sharded, vocab_limit=self.vocab)
+
+    def _load_data(self, paths: Dict[str, str]) -> None:
+        d = self.cfg.data
+
+        def load(path):
+            examples = load_prompts(path, prompt_key=d.prompt_key, answer_key=d.answer_key)
+            ids = [render_prompt(self.tokenizer, e, d.chat_template_kwargs, d.chat_template) for e in examples]
+            kept, dropped = filter_long(ids, d.max_prompt_tokens)
+            return [examples[i] for i in kept], [ids[i] for i in kept], dropped
+
+        self.train_prompts, self.train_ids, dropped = load(paths["train"])
+        if not self.train_prompts:
+            raise ValueError(f"no training prompts left in {paths['train']} after dropping {dropped} longer than "
+                             f"data.max_prompt_tokens={d.max_prompt_tokens}")
+        self.dropped_prompts = dropped
+        self.eval_prompts, self.eval_ids = [], []
+        if paths["eval"]:
+            self.eval_prompts, self.eval_ids, _ = load(paths["eval"])
+            n = self.cfg.eval.max_prompts
+            self.eval_prompts, self.eval_ids = self.eval_prompts[:n], self.eval_ids[:n]
+
+    # ---- checkpoint / resume -------------------------------------------------------------------------------------
+
+    def _state(self) -> Dict:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.student, self.optimizer,
+                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            model_sd, optim_sd = self.student.state_dict(), self.optimizer.state_dict()
+        return {"step": self.step, "model": model_sd, "optimizer": optim_sd,
+                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "config": to_dict(self.cfg)}
+
+    def save(self) -> str:
+        return checkpoint.save(os.path.join(self.out, "checkpoints"), self.step, self._state(),
+                               self.cfg.train.keep_checkpoints)
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.train.resume
+        path = checkpoint.latest(os.path.join(self.out, "checkpoints")) if mode == "auto" else (
+            None if mode == "never" else mode)
+        if path is None:
+            return
+        state = checkpoint.load(path)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            self.engine.update_weights(full_state_dict(self.student, True))
+        else:
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step = state["step"]
+        if dist.is_main():
+            print(f"resumed from {path} at step {self.step}")
+
+    # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def sampling(self) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
+
+    def train_step(self) -> Dict[str, float]:
+        cfg, timer = self.cfg, M.Timer()
+        idx = self.sampler.next_batch()
+        with timer("rollout"):
+            rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling())
+        answers = [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts]
+        correct = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), a) if a is not None
+                   else float("nan") for r, a in zip(rollouts, answers)]
+        with timer("score"):
+            mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device)
+            scored = [S.score(self.student, self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
+            sets = [S.token_set(sc, mb, cfg) if mb is not None else None for sc, mb in zip(scored, mbs)]
+        lengths = {i: len(r.response_ids) for i, r in enumerate(rollouts)}
+        n_tok, n_seq = dist.all_reduce([sum(lengths.values()), len(rollouts)])
+        weights = S.token_weights(mbs, lengths, cfg.loss.aggregation, float(n_tok), float(n_seq), dist.world())
+        with timer("update"):
+            upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params)
+        with timer("sync"):
+            if self.sharded:
+                self.engine.update_weights(full_state_dict(self.student, True))
+        self.step += 1
+        out = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer)
+        return out
+
+    def evaluate(self) -> Dict[str, float]:
+        e = self.cfg.eval
+        mine = list(range(dist.rank(), len(self.eval_ids), dist.world()))
+        if not self.eval_ids:
+            return {}
+        sampling = SamplingConfig(n=e.n, temperature=e.temperature,
+                                  top_p=1.0, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
+        rollouts = self.engine.generate([self.eval_ids[i] for i in mine], sampling) if mine else []
+        scores = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
+                         self.eval_prompts[mine[r.prompt_index]].answer) for r in rollouts]
+        total, count = dist.all_reduce([sum(scores), len(scores)])
+        return {f"accuracy_avg@{e.n}": float(total / max(count, 1)), "eval_responses": float(count)}
+
+    def run(self) -> Dict[str, float]:
+        cfg = self.cfg
+        if dist.is_main():
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "config.json"), "w") as f:
+                import json
+
+                json.dump(to_dict(cfg), f, indent=2)
+            self.log.message(f"opdcore OPD: {len(self.train_prompts)} train prompts ({self.dropped_prompts} too long "
+                             f"dropped), {len(self.eval_prompts)} eval prompts, world {dist.world()}, "
+                             f"{self.threads} threads/rank, vocab {self.vocab}")
+        history = {}
+        if self.step == 0 and self.eval_prompts:
+            history = self.evaluate()
+            self.log.log(0, history, kind="eval")
+            self.log.message(f"step 0: eval {history}")
+        while self.step < cfg.train.steps:
+            m = self.train_step()
+            if self.step % cfg.train.log_every == 0:
+                self.log.log(self.step, m)
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
+                ev = self.evaluate()
+                self.log.log(self.step, ev, kind="eval")
+                self.log.message(f"step {self.step}: eval {ev}  train acc {m.get('train_accuracy', float('nan')):.3f}")
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                self.save()
+        final = self.evaluate()
+        if final:
+            self.log.log(self.step, final, kind="eval")
+            self.log.message(f"step {self.step}: final eval {final}")
+        self.save_final()
+        self.log.close()
+        return final
+
+    def save_final(self) -> str:
+        """The student in Hugging Face format (loadable by from_pretrained and vLLM)."""
+        sd = full_state_dict(self.student, self.sharded)
+        path = os.path.join(self.out, "final")
+        if dist.is_main():
+            model = self.student.hf if not self.sharded else self.engine.model
+            model.save_pretrained(path, state_dict=sd, safe_serialization=True)
+            self.tokenizer.save_pretrained(path)
+        dist.barrier()
+        return path

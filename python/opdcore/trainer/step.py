@@ -1,0 +1,112 @@
+"""One OPD step after the rollouts: score (student, then teacher), build token sets, update the student."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from opdcore.config import Config
+from opdcore.losses import default_weight_mode
+from opdcore.ops import build_token_set
+from opdcore.trainer.microbatch import MicroBatch
+
+
+@dataclass
+class Scored:
+    """Per-response-token results of one micro-batch (all [R] or [R, k])."""
+    student_ids: Optional[torch.Tensor]
+    student_logprobs: Optional[torch.Tensor]
+    student_entropy: torch.Tensor
+    student_sampled_lp: torch.Tensor  # log p(y_t) at the rollout temperature
+    teacher_ids: Optional[torch.Tensor]
+    teacher_topk_lp: Optional[torch.Tensor]
+    teacher_on_student_lp: Optional[torch.Tensor]  # log q on the student's top-k ids
+    teacher_entropy: torch.Tensor
+    teacher_sampled_lp: torch.Tensor  # log q(y_t)
+
+
+@torch.no_grad()
+def score(student, teacher, mb: MicroBatch, cfg: Config) -> Scored:
+    k = cfg.loss.topk
+    s = student(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=k,
+                temperature=cfg.rollout.temperature, ids=mb.targets[:, None])
+    t_ids = mb.targets[:, None] if k == 0 else torch.cat([s.ids, mb.targets[:, None]], dim=1)
+    t = teacher(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=k,
+                temperature=cfg.loss.teacher_temperature, ids=t_ids)
+    return Scored(
+        student_ids=s.ids if k else None, student_logprobs=s.logprobs if k else None,
+        student_entropy=s.entropy, student_sampled_lp=s.target_logprobs[:, 0],
+        teacher_ids=t.ids if k else None, teacher_topk_lp=t.logprobs if k else None,
+        teacher_on_student_lp=t.target_logprobs[:, :k] if k else None,
+        teacher_entropy=t.entropy, teacher_sampled_lp=t.target_logprobs[:, -1])
+
+
+def token_set(sc: Scored, mb: MicroBatch, cfg: Config):
+    """(ids, teacher log-probs, valid, weight mode) of the tokens that carry a reward at each position."""
+    if cfg.loss.topk == 0:  # sampled-token OPD: the sampled token alone, weight 1
+        ids = mb.targets[:, None]
+        return ids, sc.teacher_sampled_lp[:, None], torch.ones_like(ids, dtype=torch.bool), "none"
+    ts = build_token_set(sc.student_ids, sc.teacher_ids, cfg.loss.strategy, sc.teacher_on_student_lp,
+                         sc.teacher_topk_lp)
+    mode = default_weight_mode(cfg.loss.strategy) if cfg.loss.weight_mode == "auto" else cfg.loss.weight_mode
+    return ts.ids, ts.teacher_logprobs, ts.valid, mode
+
+
+def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], aggregation: str,
+                  global_tokens: float, global_seqs: float, world: int) -> List[Optional[torch.Tensor]]:
+    """Per-token weights that turn the sum of per-token losses into the configured mean over all ranks.
+
+    FSDP averages gradients over ranks, so each rank's weights are scaled by the world size.
+    """
+    out = []
+    for mb in mbs:
+        if mb is None:
+            out.append(None)
+            continue
+        if aggregation == "token-mean":
+            w = torch.full((mb.num_tokens,), world / global_tokens)
+        else:
+            per_seq = torch.tensor([lengths[int(i)] for i in mb.token_seq.tolist()], dtype=torch.float32)
+            w = world / global_seqs / (per_seq if aggregation == "seq-mean-token-mean" else torch.ones_like(per_seq))
+        out.append(w.to(mb.targets.device))
+    return out
+
+
+def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config,
+           params) -> Dict[str, float]:
+    """Gradient accumulation over the micro-batches, grad clip, and the optimizer step (skipped when the
+    gradient norm is not finite)."""
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    real = [i for i, mb in enumerate(mbs) if mb is not None]
+    for i, mb in enumerate(mbs):
+        # a rank with too few rollouts replays its first micro-batch at weight 0: FSDP forwards are collectives
+        j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
+        mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
+        mode_name = "renorm_kl" if cfg.loss.renorm_kl else "loss"
+        per_token = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids,
+                            teacher_logprobs=tq, valid=valid, weight_mode=mode,
+                            temperature=cfg.rollout.temperature, log_ratio_clip=cfg.loss.log_ratio_clip)
+        loss = (per_token * w).sum() * scale
+        loss.backward()
+        total += float(loss.detach())
+    grad_norm = _clip(params, cfg.optim.grad_clip)
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        warnings.warn(f"gradient norm is {grad_norm}: skipping this optimizer step")
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    scheduler.step()
+    return {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
+
+
+def _clip(params, max_norm: float) -> float:
+    # clip_grad_norm_ handles FSDP2's DTensor gradients (the norm is reduced across ranks)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
