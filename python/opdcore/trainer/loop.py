@@ -47,8 +47,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, o.schedule, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
-        self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, cfg.train.seed,
-                                     dist.rank(), dist.world())
+        self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, seed=cfg.train.seed,
+                                     rank=dist.rank(), world_size=dist.world())
         self.step = 0
         self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.train.steps, self.step, cfg.train.tensorboard, cfg.train.progress)
@@ -172,7 +172,7 @@ class Trainer:
 
     def train_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, M.Timer()
-        idx = self.sampler.next_batch()
+        idx = next(self.sampler)
         with timer("rollout"):
             rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling())
         answers = [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts]

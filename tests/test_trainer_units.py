@@ -1,0 +1,116 @@
+"""Trainer pieces without models: token sets per strategy, aggregation weights, checkpoints, schedules."""
+import os
+
+import pytest
+import torch
+
+from opdcore.config import Config
+from opdcore.trainer import checkpoint, step as S
+from opdcore.trainer.microbatch import MicroBatch
+from opdcore.trainer.schedule import make_scheduler
+
+
+def _mb(targets, token_seq):
+    n = len(targets)
+    return MicroBatch([], torch.zeros(1, 1), torch.ones(1, 1), torch.arange(n), torch.tensor(targets),
+                      torch.tensor(token_seq), torch.zeros(n))
+
+
+def _scored(s_ids, t_ids):
+    s_ids, t_ids = torch.tensor(s_ids), torch.tensor(t_ids)
+    n = s_ids.shape[0]
+    q = lambda ids: -0.1 * ids.float()  # the teacher's log-prob of an id, whichever pass computed it
+    return S.Scored(s_ids, -torch.rand(s_ids.shape), torch.rand(n), -torch.rand(n), t_ids, q(t_ids),
+                    q(s_ids), torch.rand(n), -torch.rand(n))
+
+
+@pytest.mark.parametrize("strategy,expected,mode", [
+    ("student", [{1, 2, 3}], "student_p"),
+    ("teacher", [{3, 4, 5}], "student_p"),
+    ("intersection", [{3}], "student_p"),
+    ("union", [{1, 2, 3, 4, 5}], "student_p"),
+    ("symmetric_difference", [{1, 2, 4, 5}], "student_p_raw"),
+    ("union-intersection", [{1, 2, 4, 5}], "student_p_raw"),
+])
+def test_token_set_per_strategy(strategy, expected, mode):
+    cfg = Config()
+    cfg.loss.topk, cfg.loss.strategy = 3, strategy
+    sc = _scored([[1, 2, 3]], [[3, 4, 5]])
+    ids, tq, valid, got_mode = S.token_set(sc, _mb([9], [0]), cfg)
+    assert [set(ids[0][valid[0]].tolist())] == expected and got_mode == mode
+    # the teacher log-prob of each id comes from the right source: on-student for S, own top-k for T
+    for i, q, v in zip(ids[0].tolist(), tq[0].tolist(), valid[0].tolist()):
+        assert q == pytest.approx(-0.1 * i)
+
+
+def test_sampled_token_set():
+    cfg = Config()
+    cfg.loss.topk = 0
+    sc = _scored([[1]], [[1]])
+    ids, tq, valid, mode = S.token_set(sc, _mb([7], [0]), cfg)
+    assert ids.tolist() == [[7]] and tq[0, 0] == sc.teacher_sampled_lp[0] and valid.all() and mode == "none"
+
+
+def test_aggregation_weights_give_the_configured_mean():
+    # two rollouts of lengths 3 and 1, split over two micro-batches; world size 2 doubles the weights
+    mbs = [_mb([1, 2], [0, 0]), _mb([3, 4], [0, 1])]
+    lengths = {0: 3, 1: 1}
+    per_token = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
+    def total(agg, world=1):
+        w = S.token_weights(mbs, lengths, agg, 4.0, 2.0, world)
+        return sum(float((p * x).sum()) for p, x in zip(per_token, w))
+    assert total("token-mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
+    assert total("seq-mean-token-mean") == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
+    assert total("seq-mean-token-sum") == pytest.approx(((1 + 2 + 3) + 4) / 2)
+    assert total("token-mean", world=2) == pytest.approx(2 * (1 + 2 + 3 + 4) / 4)
+
+
+def test_checkpoint_atomic_and_resume_helpers(tmp_path):
+    root = str(tmp_path / "ck")
+    assert checkpoint.latest(root) is None
+    torch.manual_seed(3)
+    p1 = checkpoint.save(root, 1, {"step": 1, "x": torch.arange(3)}, keep=2)
+    checkpoint.save(root, 2, {"step": 2}, keep=2)
+    after_2 = torch.rand(2)
+    checkpoint.save(root, 3, {"step": 3}, keep=2)
+    assert not os.path.exists(p1)  # pruned to the newest two
+    os.makedirs(os.path.join(root, "step_00000009.tmp"))  # a kill mid-write leaves only a temporary folder
+    os.makedirs(os.path.join(root, "step_00000008"))  # or a folder without its completion marker
+    assert checkpoint.latest(root).endswith("step_00000003")
+    state = checkpoint.load(checkpoint.latest(root))
+    assert state["step"] == 3
+    checkpoint.set_rng_state(checkpoint.load(os.path.join(root, "step_00000002"))["rng"])
+    assert torch.equal(torch.rand(2), after_2)  # the RNG state saved at step 2 reproduces the draws after it
+    with open(os.path.join(root, "step_00000003", "trainer.pt"), "wb") as f:
+        f.write(b"garbage")
+    with pytest.raises(ValueError, match="corrupt or unreadable"):
+        checkpoint.load(os.path.join(root, "step_00000003"))
+    with pytest.raises(ValueError, match="not a complete opdcore checkpoint"):
+        checkpoint.load(os.path.join(root, "step_00000008"))
+
+
+def test_rng_state_round_trip(tmp_path):
+    torch.manual_seed(0)
+    state = checkpoint.rng_state()
+    a = torch.rand(3)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine", "linear"])
+def test_schedules(kind):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = make_scheduler(opt, kind, warmup=2, total=10, min_ratio=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    if kind == "constant":
+        assert lrs[-1] == 1.0
+    else:
+        assert lrs[-1] < lrs[2] and min(lrs) >= 0.1 - 1e-9
+    with pytest.raises(ValueError, match="schedule must be"):
+        make_scheduler(opt, "step", 0, 10)
