@@ -28,9 +28,18 @@ def _threads(cfg: Config) -> int:
     return n
 
 
+def _quiet_transformers() -> None:
+    """Per-file loading bars and generation notices from every rank drown the training log."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         dist.init()
+        _quiet_transformers()
         self.cfg = cfg
         self.device = dist.device()
         self.threads = _threads(cfg)
@@ -85,8 +94,8 @@ class Trainer:
         self.sharded = dist.world() > 1
         # rollouts: the training model itself in one process; a plain replica synced after each step under FSDP
         engine_model = copy.deepcopy(student_hf).eval() if self.sharded else student_hf
-        self.student = OPDModel(student_hf, self.vocab)
-        self.teacher = OPDModel(teacher_hf, self.vocab)
+        self.student = OPDModel(student_hf, self.vocab, fused=self.cfg.loss.fused_lm_head)
+        self.teacher = OPDModel(teacher_hf, self.vocab, fused=self.cfg.loss.fused_lm_head)
         if self.sharded:
             shard(self.student)
             if m.teacher_sharding == "fsdp":

@@ -62,11 +62,11 @@ class OPDModel(nn.Module):
     positions whose hidden state predicts a response token (the position before it).
     """
 
-    def __init__(self, hf_model: nn.Module, vocab: int):
+    def __init__(self, hf_model: nn.Module, vocab: int, fused: bool = True):
         super().__init__()
         self.hf = hf_model
         self.vocab = vocab
-        self.fused = _fused_head_supported(hf_model)
+        self.fused = fused and _fused_head_supported(hf_model)
 
     def _hidden(self, input_ids, attention_mask, pred_index):
         base = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.base_model
