@@ -12,8 +12,9 @@ def make_tiny_run_dir(root, teacher_vocab_pad: int = 4):
     tok_dir = os.path.join(root, "tok")
     tok = build_char_tokenizer(tok_dir)
     paths = {"tokenizer": tok_dir}
-    for name, hidden, seed, pad in (("student", 32, 1, 0), ("teacher", 48, 2, teacher_vocab_pad)):
-        model = tiny_llama(len(tok) + pad, hidden=hidden, layers=1, heads=4, max_positions=256, tokenizer=tok,
+    # head_dim 32: the smallest vLLM's CPU attention supports
+    for name, hidden, seed, pad in (("student", 64, 1, 0), ("teacher", 96, 2, teacher_vocab_pad)):
+        model = tiny_llama(len(tok) + pad, hidden=hidden, layers=1, heads=hidden // 32, max_positions=256, tokenizer=tok,
                            seed=seed)
         d = os.path.join(root, name)
         model.save_pretrained(d)
