@@ -19,6 +19,8 @@
 //   ent) sequentially, heaps through a block bitonic sort, targets first-seen; then writes the state back
 //   (stream_update, stream_merge) or the final results (stream_finalize, split full-row ops).
 #pragma once
+#include <cuda/atomic>
+
 #include "device_common.cuh"
 
 namespace opdcore {
@@ -113,7 +115,11 @@ struct WarpTopK {
     __syncwarp();
   }
 
-  __device__ A hint_value() const { return C::from_ord(*static_cast<volatile typename C::Ord*>(hint)); }
+  // Relaxed atomics: other warps raise the hint concurrently; any value ever published is a valid bound.
+  __device__ A hint_value() const {
+    return C::from_ord(::cuda::atomic_ref<typename C::Ord, ::cuda::thread_scope_block>(*hint).load(
+        ::cuda::memory_order_relaxed));
+  }
 
   // Sort the buffer, keep the best k (empty keys pad it), refresh the thresholds. Warp-collective.
   __device__ void compact() {
@@ -124,7 +130,9 @@ struct WarpTopK {
     thr_v = C::value(thr);
     cnt = k;
     // k kept entries reach thr_v (or thr is empty and thr_v = -inf, which bounds nothing): publish it
-    if (lane == 0) atomicMax(hint, C::ord(thr_v));
+    if (lane == 0)
+      ::cuda::atomic_ref<typename C::Ord, ::cuda::thread_scope_block>(*hint).fetch_max(C::ord(thr_v),
+                                                                                      ::cuda::memory_order_relaxed);
     __syncwarp();
   }
 
@@ -200,8 +208,11 @@ __device__ void finalize_row(const FinalArgs<A>& f, int64_t r, int k_out, int64_
   }
 }
 
+// Occupancy floor for ptxas: 4 blocks/SM (64 registers) with top-k keeps its buffers' bookkeeping in registers
+// (with no floor ptxas picked 48 and spilled on sm_80); 6 blocks/SM for the plain 16/32-bit streaming variants.
 template <typename T, typename A, int CAP, bool kEntropy>
-__global__ void __launch_bounds__(kThreads) row_stream_kernel(const T* __restrict__ logits, const RowArgs<A> a) {
+__global__ void __launch_bounds__(kThreads, (CAP > 0 || sizeof(T) == 8) ? 4 : 6)
+    row_stream_kernel(const T* __restrict__ logits, const RowArgs<A> a) {
   using C = Cand<A>;
   using Key = typename C::Key;
   constexpr bool kTopK = CAP > 0;

@@ -82,8 +82,8 @@ inline void raise_status(const Status& st, const char* logits_name, const char* 
 // ---- checks shared by the CPU and CUDA glue of the same op ----
 
 // The state tensors are made by the Python layer (opdcore.ops.stream); check they fit together.
-inline void check_state(const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& ent, const at::Tensor& hv, const at::Tensor& hi,
-                 const at::Tensor& tv, const char* which) {
+inline void check_state(const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& ent, const at::Tensor& hv,
+                        const at::Tensor& hi, const at::Tensor& tv, const char* which) {
   const int64_t N = max.size(0);
   const auto dt = max.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, which, ".max must be float32 or float64");
@@ -98,8 +98,8 @@ inline void check_state(const at::Tensor& max, const at::Tensor& sumexp, const a
 }
 
 template <typename A>
-inline StreamState<A> state_view(at::Tensor& max, at::Tensor& sumexp, at::Tensor& ent, at::Tensor& hv, at::Tensor& hi, const at::Tensor* tid,
-                          at::Tensor& tv) {
+inline StreamState<A> state_view(at::Tensor& max, at::Tensor& sumexp, at::Tensor& ent, at::Tensor& hv, at::Tensor& hi,
+                                 const at::Tensor* tid, at::Tensor& tv) {
   StreamState<A> st;
   st.rows = max.size(0);
   st.max = max.mutable_data_ptr<A>();
@@ -121,7 +121,8 @@ inline WeightMode weight_mode_from(int64_t w) {
 }
 
 // ids [N, K] int64, teacher_logprobs [N, K] (any float; converted to the accumulator dtype), valid [N, K] bool.
-inline void check_set(const at::Tensor& ids, const at::Tensor& tlp, const at::Tensor& valid, int64_t N, const at::Tensor& ref) {
+inline void check_set(const at::Tensor& ids, const at::Tensor& tlp, const at::Tensor& valid, int64_t N,
+                      const at::Tensor& ref) {
   glue::check_ids(ids, "ids", N, ref);
   TORCH_CHECK(tlp.sizes() == ids.sizes(), "teacher_logprobs must have the shape of ids ", ids.sizes(), ", got ",
               tlp.sizes());
@@ -133,11 +134,13 @@ inline void check_set(const at::Tensor& ids, const at::Tensor& tlp, const at::Te
   glue::check_same_device(valid, "valid", ref, "logits");
 }
 
-inline void check_clip(double clip) { TORCH_CHECK(clip >= 0 && !std::isnan(clip), "log_ratio_clip must be >= 0 (0: off), got ", clip); }
+inline void check_clip(double clip) {
+  TORCH_CHECK(clip >= 0 && !std::isnan(clip), "log_ratio_clip must be >= 0 (0: off), got ", clip);
+}
 
 // Shared checks of the backward's saved tensors against a logits (or logits-chunk) tensor.
-inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& lse, const at::Tensor& ids,
-                    const at::Tensor& rewards) {
+inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& lse,
+                           const at::Tensor& ids, const at::Tensor& rewards) {
   const int64_t N = x.size(0);
   const auto acc = glue::acc_dtype(x.scalar_type());
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be [", N, "]");
