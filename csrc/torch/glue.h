@@ -8,6 +8,8 @@
 #include <string>
 
 #include "opdcore/common.h"
+#include "opdcore/opd_loss.h"
+#include "opdcore/topk_stream.h"
 
 namespace opdcore {
 namespace glue {
@@ -72,7 +74,80 @@ inline void raise_status(const Status& st, const char* logits_name, const char* 
     case Status::kBadTeacherLogprob:
       TORCH_CHECK(false, "teacher_logprobs is NaN, +inf or -inf at a valid id (row ", st.row,
                   "); -inf is accepted only with log_ratio_clip > 0");
+    case Status::kCudaError:  // only the CUDA glue sees this; it names the error itself (csrc/torch/cuda/)
+      TORCH_CHECK(false, "CUDA error ", st.row, " in an opdcore kernel");
   }
+}
+
+// ---- checks shared by the CPU and CUDA glue of the same op ----
+
+// The state tensors are made by the Python layer (opdcore.ops.stream); check they fit together.
+inline void check_state(const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& ent, const at::Tensor& hv,
+                        const at::Tensor& hi, const at::Tensor& tv, const char* which) {
+  const int64_t N = max.size(0);
+  const auto dt = max.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, which, ".max must be float32 or float64");
+  for (const at::Tensor* t : {&max, &sumexp, &ent, &hv, &hi, &tv})
+    TORCH_CHECK(t->is_contiguous() && t->device() == max.device() && t->size(0) == N, which,
+                ": state tensors must be contiguous, on one device, with the same number of rows");
+  TORCH_CHECK(sumexp.scalar_type() == dt && ent.scalar_type() == dt && hv.scalar_type() == dt &&
+                  tv.scalar_type() == dt && hi.scalar_type() == at::kLong,
+              which, ": state tensors have mismatched dtypes");
+  TORCH_CHECK(hv.dim() == 2 && hi.sizes() == hv.sizes() && tv.dim() == 2, which,
+              ": heap_vals/heap_ids must be [rows, k] and target_vals [rows, m]");
+}
+
+template <typename A>
+inline StreamState<A> state_view(at::Tensor& max, at::Tensor& sumexp, at::Tensor& ent, at::Tensor& hv, at::Tensor& hi,
+                                 const at::Tensor* tid, at::Tensor& tv) {
+  StreamState<A> st;
+  st.rows = max.size(0);
+  st.max = max.mutable_data_ptr<A>();
+  st.sumexp = sumexp.mutable_data_ptr<A>();
+  st.ent = ent.mutable_data_ptr<A>();
+  st.k = hv.size(1);
+  st.heap_vals = hv.mutable_data_ptr<A>();
+  st.heap_ids = hi.mutable_data_ptr<int64_t>();
+  st.m = tv.size(1);
+  st.target_ids = tid ? tid->const_data_ptr<int64_t>() : nullptr;
+  st.target_vals = tv.mutable_data_ptr<A>();
+  return st;
+}
+
+inline WeightMode weight_mode_from(int64_t w) {
+  TORCH_CHECK(w >= 0 && w <= 4, "weight_mode must be 0..4 (student_p, teacher_p, none, student_p_raw, "
+              "teacher_p_raw), got ", w);
+  return static_cast<WeightMode>(w);
+}
+
+// ids [N, K] int64, teacher_logprobs [N, K] (any float; converted to the accumulator dtype), valid [N, K] bool.
+inline void check_set(const at::Tensor& ids, const at::Tensor& tlp, const at::Tensor& valid, int64_t N,
+                      const at::Tensor& ref) {
+  glue::check_ids(ids, "ids", N, ref);
+  TORCH_CHECK(tlp.sizes() == ids.sizes(), "teacher_logprobs must have the shape of ids ", ids.sizes(), ", got ",
+              tlp.sizes());
+  TORCH_CHECK(at::isFloatingType(tlp.scalar_type()), "teacher_logprobs must be floating, got ", tlp.scalar_type());
+  TORCH_CHECK(valid.sizes() == ids.sizes(), "valid must have the shape of ids ", ids.sizes(), ", got ",
+              valid.sizes());
+  TORCH_CHECK(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
+  glue::check_same_device(tlp, "teacher_logprobs", ref, "logits");
+  glue::check_same_device(valid, "valid", ref, "logits");
+}
+
+inline void check_clip(double clip) {
+  TORCH_CHECK(clip >= 0 && !std::isnan(clip), "log_ratio_clip must be >= 0 (0: off), got ", clip);
+}
+
+// Shared checks of the backward's saved tensors against a logits (or logits-chunk) tensor.
+inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& lse,
+                           const at::Tensor& ids, const at::Tensor& rewards) {
+  const int64_t N = x.size(0);
+  const auto acc = glue::acc_dtype(x.scalar_type());
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be [", N, "]");
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc, "lse must be [", N, "] ", acc);
+  glue::check_ids(ids, "ids", N, x);
+  TORCH_CHECK(rewards.sizes() == ids.sizes() && rewards.scalar_type() == acc, "rewards must be ", acc,
+              " with the shape of ids");
 }
 
 }  // namespace glue

@@ -11,27 +11,6 @@ namespace {
 
 using at::Tensor;
 
-WeightMode weight_mode_from(int64_t w) {
-  TORCH_CHECK(w >= 0 && w <= 4, "weight_mode must be 0..4 (student_p, teacher_p, none, student_p_raw, "
-              "teacher_p_raw), got ", w);
-  return static_cast<WeightMode>(w);
-}
-
-// ids [N, K] int64, teacher_logprobs [N, K] (any float; converted to the accumulator dtype), valid [N, K] bool.
-void check_set(const Tensor& ids, const Tensor& tlp, const Tensor& valid, int64_t N, const Tensor& ref) {
-  glue::check_ids(ids, "ids", N, ref);
-  TORCH_CHECK(tlp.sizes() == ids.sizes(), "teacher_logprobs must have the shape of ids ", ids.sizes(), ", got ",
-              tlp.sizes());
-  TORCH_CHECK(at::isFloatingType(tlp.scalar_type()), "teacher_logprobs must be floating, got ", tlp.scalar_type());
-  TORCH_CHECK(valid.sizes() == ids.sizes(), "valid must have the shape of ids ", ids.sizes(), ", got ",
-              valid.sizes());
-  TORCH_CHECK(valid.scalar_type() == at::kBool, "valid must be bool, got ", valid.scalar_type());
-  glue::check_same_device(tlp, "teacher_logprobs", ref, "logits");
-  glue::check_same_device(valid, "valid", ref, "logits");
-}
-
-void check_clip(double clip) { TORCH_CHECK(clip >= 0 && !std::isnan(clip), "log_ratio_clip must be >= 0 (0: off), got ", clip); }
-
 std::tuple<Tensor, Tensor> opd_rewards_cpu(const Tensor& slp, const Tensor& tlp, const Tensor& valid,
                                            int64_t weight_mode, double clip) {
   TORCH_CHECK(slp.dim() == 2, "student_logprobs must be [tokens, K], got ", slp.sizes());
@@ -41,8 +20,8 @@ std::tuple<Tensor, Tensor> opd_rewards_cpu(const Tensor& slp, const Tensor& tlp,
   TORCH_CHECK(tlp.sizes() == slp.sizes(), "teacher_logprobs must have the shape of student_logprobs");
   TORCH_CHECK(valid.sizes() == slp.sizes() && valid.scalar_type() == at::kBool,
               "valid must be bool with the shape of student_logprobs");
-  check_clip(clip);
-  const auto mode = weight_mode_from(weight_mode);
+  glue::check_clip(clip);
+  const auto mode = glue::weight_mode_from(weight_mode);
   const Tensor s = slp.contiguous(), t = tlp.to(slp.scalar_type()).contiguous(), v = valid.contiguous();
   Tensor rewards = at::empty_like(s), loss = at::empty({s.size(0)}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "opd_rewards", [&] {
@@ -60,10 +39,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> opd_topk_loss_fwd_cpu(const Tensor& l
                                                                  double clip) {
   glue::check_logits(logits, "student_logits");
   glue::check_temperature(temperature);
-  check_clip(clip);
+  glue::check_clip(clip);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_set(ids, tlp, valid, N, logits);
-  const auto mode = weight_mode_from(weight_mode);
+  glue::check_set(ids, tlp, valid, N, logits);
+  const auto mode = glue::weight_mode_from(weight_mode);
   const auto acc = glue::acc_dtype(logits.scalar_type());
   const Tensor idc = ids.contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
   const int64_t K = idc.size(1);
@@ -82,22 +61,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> opd_topk_loss_fwd_cpu(const Tensor& l
   return {loss, rewards, slp, lse};
 }
 
-// Shared checks of the backward's saved tensors against a logits (or logits-chunk) tensor.
-void check_backward(const Tensor& grad_loss, const Tensor& x, const Tensor& lse, const Tensor& ids,
-                    const Tensor& rewards) {
-  const int64_t N = x.size(0);
-  const auto acc = glue::acc_dtype(x.scalar_type());
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, "grad_loss must be [", N, "]");
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N && lse.scalar_type() == acc, "lse must be [", N, "] ", acc);
-  glue::check_ids(ids, "ids", N, x);
-  TORCH_CHECK(rewards.sizes() == ids.sizes() && rewards.scalar_type() == acc, "rewards must be ", acc,
-              " with the shape of ids");
-}
-
 Tensor opd_topk_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& lse, const Tensor& ids,
                              const Tensor& rewards, double temperature) {
   glue::check_logits(logits, "student_logits");
-  check_backward(grad_loss, logits, lse, ids, rewards);
+  glue::check_backward(grad_loss, logits, lse, ids, rewards);
   const auto acc = glue::acc_dtype(logits.scalar_type());
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
                r = rewards.contiguous();
@@ -117,7 +84,7 @@ void opd_topk_loss_bwd_chunk_cpu(Tensor& chunk, int64_t vocab_offset, const Tens
                                  const Tensor& ids, const Tensor& rewards, double temperature) {
   glue::check_logits(chunk, "chunk");
   TORCH_CHECK(chunk.stride(1) == 1, "chunk must have unit stride along the vocabulary");
-  check_backward(grad_loss, chunk, lse, ids, rewards);
+  glue::check_backward(grad_loss, chunk, lse, ids, rewards);
   const auto acc = glue::acc_dtype(chunk.scalar_type());
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
                r = rewards.contiguous();

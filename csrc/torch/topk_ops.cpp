@@ -49,42 +49,9 @@ std::tuple<Tensor, Tensor> logprobs_at_cpu(const Tensor& logits, const Tensor& i
   return {lp, lse};
 }
 
-// The state tensors are made by the Python layer (opdcore.ops.stream); check they fit together.
-void check_state(const Tensor& max, const Tensor& sumexp, const Tensor& ent, const Tensor& hv, const Tensor& hi,
-                 const Tensor& tv, const char* which) {
-  const int64_t N = max.size(0);
-  const auto dt = max.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, which, ".max must be float32 or float64");
-  for (const Tensor* t : {&max, &sumexp, &ent, &hv, &hi, &tv})
-    TORCH_CHECK(t->is_contiguous() && t->device() == max.device() && t->size(0) == N, which,
-                ": state tensors must be contiguous, on one device, with the same number of rows");
-  TORCH_CHECK(sumexp.scalar_type() == dt && ent.scalar_type() == dt && hv.scalar_type() == dt &&
-                  tv.scalar_type() == dt && hi.scalar_type() == at::kLong,
-              which, ": state tensors have mismatched dtypes");
-  TORCH_CHECK(hv.dim() == 2 && hi.sizes() == hv.sizes() && tv.dim() == 2, which,
-              ": heap_vals/heap_ids must be [rows, k] and target_vals [rows, m]");
-}
-
-template <typename A>
-StreamState<A> state_view(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Tensor& hi, const Tensor* tid,
-                          Tensor& tv) {
-  StreamState<A> st;
-  st.rows = max.size(0);
-  st.max = max.mutable_data_ptr<A>();
-  st.sumexp = sumexp.mutable_data_ptr<A>();
-  st.ent = ent.mutable_data_ptr<A>();
-  st.k = hv.size(1);
-  st.heap_vals = hv.mutable_data_ptr<A>();
-  st.heap_ids = hi.mutable_data_ptr<int64_t>();
-  st.m = tv.size(1);
-  st.target_ids = tid ? tid->const_data_ptr<int64_t>() : nullptr;
-  st.target_vals = tv.mutable_data_ptr<A>();
-  return st;
-}
-
 void stream_update_cpu(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Tensor& hi, const Tensor& target_ids,
                        Tensor& tv, const Tensor& logits, int64_t vocab_offset, double temperature) {
-  check_state(max, sumexp, ent, hv, hi, tv, "state");
+  glue::check_state(max, sumexp, ent, hv, hi, tv, "state");
   glue::check_logits(logits, "logits chunk");
   glue::check_temperature(temperature);
   TORCH_CHECK(logits.size(0) == max.size(0), "logits chunk has ", logits.size(0), " rows but the state has ",
@@ -98,7 +65,7 @@ void stream_update_cpu(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Ten
   glue::check_same_device(logits, "logits chunk", max, "state");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "stream_update", [&] {
     using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
-    const auto st = state_view<A>(max, sumexp, ent, hv, hi, &target_ids, tv);
+    const auto st = glue::state_view<A>(max, sumexp, ent, hv, hi, &target_ids, tv);
     glue::raise_status(stream_update(st, glue::kptr<scalar_t>(logits), logits.size(1), logits.stride(0),
                                      logits.stride(1), vocab_offset, temperature),
                        "logits chunk", "ids");
@@ -108,22 +75,22 @@ void stream_update_cpu(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Ten
 void stream_merge_cpu(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Tensor& hi, Tensor& tv,
                       const Tensor& max_b, const Tensor& sumexp_b, const Tensor& ent_b, const Tensor& hv_b,
                       const Tensor& hi_b, const Tensor& tv_b) {
-  check_state(max, sumexp, ent, hv, hi, tv, "state a");
-  check_state(max_b, sumexp_b, ent_b, hv_b, hi_b, tv_b, "state b");
+  glue::check_state(max, sumexp, ent, hv, hi, tv, "state a");
+  glue::check_state(max_b, sumexp_b, ent_b, hv_b, hi_b, tv_b, "state b");
   TORCH_CHECK(max.scalar_type() == max_b.scalar_type() && hv.sizes() == hv_b.sizes() && tv.sizes() == tv_b.sizes(),
               "stream_merge: the two states differ in dtype, rows, k or number of target ids");
   AT_DISPATCH_FLOATING_TYPES(max.scalar_type(), "stream_merge", [&] {
     using A = scalar_t;
     auto b0 = max_b, b1 = sumexp_b, b2 = ent_b, b3 = hv_b, b4 = hi_b, b5 = tv_b;  // views; b is only read
-    stream_merge(state_view<A>(max, sumexp, ent, hv, hi, nullptr, tv),
-                 state_view<A>(b0, b1, b2, b3, b4, nullptr, b5));
+    stream_merge(glue::state_view<A>(max, sumexp, ent, hv, hi, nullptr, tv),
+                 glue::state_view<A>(b0, b1, b2, b3, b4, nullptr, b5));
   });
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stream_finalize_cpu(const Tensor& max, const Tensor& sumexp,
                                                                        const Tensor& ent, const Tensor& hv,
                                                                        const Tensor& hi, const Tensor& tv) {
-  check_state(max, sumexp, ent, hv, hi, tv, "state");
+  glue::check_state(max, sumexp, ent, hv, hi, tv, "state");
   const int64_t N = max.size(0), k = hv.size(1), m = tv.size(1);
   const auto opts = max.options();
   Tensor ids = at::empty({N, k}, opts.dtype(at::kLong)), lp = at::empty({N, k}, opts);
@@ -133,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stream_finalize_cpu(const Ten
     auto a0 = max, a1 = sumexp, a2 = ent, a3 = hv, a4 = hi, a5 = tv;
     StreamResult<A> out{ids.mutable_data_ptr<int64_t>(), lp.mutable_data_ptr<A>(), lse.mutable_data_ptr<A>(),
                         entropy.mutable_data_ptr<A>(), tlp.mutable_data_ptr<A>()};
-    glue::raise_status(stream_finalize(state_view<A>(a0, a1, a2, a3, a4, nullptr, a5), out), "logits", "ids");
+    glue::raise_status(stream_finalize(glue::state_view<A>(a0, a1, a2, a3, a4, nullptr, a5), out), "logits", "ids");
   });
   return {ids, lp, lse, entropy, tlp};
 }

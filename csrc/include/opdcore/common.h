@@ -102,10 +102,11 @@ inline float exp_nonpos(float x) {
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
-// Why a kernel stopped; row is the first offending row (or -1).
+// Why a kernel stopped; row is the first offending row (or -1). kCudaError comes only from the CUDA entry
+// points (a launch or runtime failure); its row field holds the cudaError_t value instead of a row.
 struct Status {
   enum Code : int { kOk = 0, kNonFinite = 1, kAllNegInf = 2, kHeapNotFull = 3, kTargetUnseen = 4, kBadId = 5,
-              kBadStudentLogprob = 6, kBadTeacherLogprob = 7 };
+              kBadStudentLogprob = 6, kBadTeacherLogprob = 7, kCudaError = 8 };
   Code code = kOk;
   int64_t row = -1;
   bool ok() const { return code == kOk; }

@@ -1,0 +1,175 @@
+"""GPU benchmark: opdcore's CUDA kernels against plain PyTorch, printed as a table.
+
+Cases (default N=8192 tokens, V=151936, k=16, bf16 logits):
+  extract        top-k log-probs + lse + entropy + log-prob of a sampled token, from [N, V] logits
+                 (PyTorch: log_softmax in float32 + topk + gather + entropy)
+  extract_linear the same from hidden [N, H] and the LM head [V, H] (opdcore.linear_topk streams the vocabulary in
+                 chunks; PyTorch materialises the logits)
+  loss_fwd_bwd   top-k OPD loss forward + backward to the logits (PyTorch: the reference formula through autograd)
+
+Time: CUDA events around each call, warm-up first, median of the repeats. GB/s: the bytes a kernel must move
+(logits read once per pass, gradient written once), against the device-to-device copy bandwidth measured in
+the same run (bytes read + written by a large copy). Peak: torch.cuda.max_memory_allocated during the call,
+minus what was allocated before it (the inputs).
+
+  python benchmarks/bench_gpu.py [--n 8192] [--v 151936] [--k 16] [--h 4096] [--dtype bf16] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import opdcore
+from opdcore.ops import linear_topk, opd_topk_loss, topk_logprobs
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def timed(fn, warmup=3, reps=10):
+    """Median milliseconds over reps (CUDA events) and the peak extra memory (bytes) of one call."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return statistics.median(times), peak
+
+
+def copy_bandwidth():
+    """GB/s of a large device-to-device copy, counting bytes read and written."""
+    n = 1 << 30  # 1 GiB each way
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms, _ = timed(lambda: dst.copy_(src), warmup=3, reps=20)
+    del src, dst
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=8192)
+    p.add_argument("--v", type=int, default=151936)
+    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--h", type=int, default=4096)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--skip-linear", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    assert torch.cuda.is_available() and opdcore.build_info()["cuda_compiled"], "needs a GPU and a CUDA build"
+    dt, N, V, k, H = DTYPES[args.dtype], args.n, args.v, args.k, args.h
+    esize = torch.finfo(dt).bits // 8
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    torch.manual_seed(0)
+    logits = (torch.randn(N, V, device="cuda") * 3).to(dt)
+    sampled = torch.randint(0, V, (N, 1), device="cuda")
+    rows = []
+
+    def add(case, impl, ms, peak, nbytes, note=""):
+        gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes else float("nan")
+        rows.append(dict(case=case, impl=impl, ms=ms, gbs=gbs, frac=gbs / bw if nbytes else float("nan"),
+                         peak_mib=peak / 2**20, note=note))
+
+    # ---- extraction --------------------------------------------------------------------------------------------
+    def ours_extract():
+        r = topk_logprobs(logits, k)
+        lp = r.logprobs  # noqa: F841
+        return opdcore.logprobs_at(logits, sampled)
+
+    def ours_extract_only():
+        return topk_logprobs(logits, k)
+
+    def torch_extract():
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        vals, ids = lp.topk(k, dim=-1)
+        ent = -(lp.exp() * lp).sum(-1)
+        return vals, ids, lp.gather(1, sampled), ent
+
+    ms, peak = timed(ours_extract_only, reps=args.reps)
+    add("extract", "opdcore topk_logprobs", ms, peak, N * V * esize, "top-k + lse + entropy, one pass")
+    ms, peak = timed(ours_extract, reps=args.reps)
+    add("extract", "opdcore topk + logprobs_at", ms, peak, 2 * N * V * esize, "two passes")
+    ms, peak = timed(torch_extract, reps=args.reps)
+    add("extract", "torch log_softmax+topk+gather", ms, peak, N * V * esize)
+
+    # ---- loss forward + backward -------------------------------------------------------------------------------
+    ids = topk_logprobs(logits, k).ids
+    tq = -torch.rand(N, k, device="cuda") * 5
+    valid = torch.ones(N, k, dtype=torch.bool, device="cuda")
+    x = logits.detach().clone().requires_grad_(True)
+
+    def ours_loss():
+        x.grad = None
+        opd_topk_loss(x, ids, tq, valid).loss.sum().backward()
+
+    def torch_loss():
+        x.grad = None
+        lp = torch.log_softmax(x.float(), dim=-1)
+        slp = lp.gather(1, ids)
+        w = torch.softmax(slp.detach(), dim=-1)
+        r = -w * (slp.detach() - tq)
+        (-(r * slp).sum(-1)).sum().backward()
+
+    ms, peak = timed(ours_loss, reps=args.reps)
+    add("loss_fwd_bwd", "opdcore opd_topk_loss", ms, peak, 3 * N * V * esize, "fwd read + bwd read/write")
+    ms, peak = timed(torch_loss, reps=args.reps)
+    add("loss_fwd_bwd", "torch autograd", ms, peak, 3 * N * V * esize)
+    del x
+
+    # ---- fused with the LM head --------------------------------------------------------------------------------
+    if not args.skip_linear:
+        del logits
+        torch.cuda.empty_cache()
+        hidden = (torch.randn(N, H, device="cuda") / H**0.5).to(dt)
+        weight = torch.randn(V, H, device="cuda").to(dt)
+        flops = 2 * N * H * V
+
+        def ours_linear():
+            return linear_topk(hidden, weight, k, ids=sampled)
+
+        def torch_linear():
+            lg = hidden @ weight.T
+            lp = torch.log_softmax(lg.float(), dim=-1)
+            vals, ids_ = lp.topk(k, dim=-1)
+            return vals, ids_, lp.gather(1, sampled)
+
+        def matmul_only():
+            return hidden @ weight.T
+
+        for name, fn in (("opdcore linear_topk", ours_linear), ("torch matmul+log_softmax+topk", torch_linear),
+                         ("(matmul alone)", matmul_only)):
+            ms, peak = timed(fn, reps=max(3, args.reps // 2))
+            add("extract_linear", name, ms, peak, 0, f"{flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s")
+
+    print(f"\ndevice: {dev}; copy bandwidth {bw:.0f} GB/s (read + write); N={N} V={V} k={k} H={H} {args.dtype}; "
+          f"opdcore {opdcore.build_info()['version']}, torch {torch.__version__}")
+    hdr = f"{'case':<15} {'implementation':<32} {'ms':>9} {'GB/s':>8} {'% copy':>7} {'peak MiB':>10}  note"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        gbs = f"{r['gbs']:.0f}" if r["gbs"] == r["gbs"] else "-"
+        frac = f"{100 * r['frac']:.0f}%" if r["frac"] == r["frac"] else "-"
+        print(f"{r['case']:<15} {r['impl']:<32} {r['ms']:>9.3f} {gbs:>8} {frac:>7} {r['peak_mib']:>10.0f}  {r['note']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, copy_gbs=bw, n=N, v=V, k=k, h=H, dtype=args.dtype, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

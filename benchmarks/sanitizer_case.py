@@ -1,0 +1,43 @@
+"""Every CUDA op once on small inputs, for compute-sanitizer (memcheck / racecheck / synccheck).
+
+Covers: the one-block and several-blocks-per-row paths, k = 0 / small / large tier / > kMaxTopK, unaligned and
+strided rows, bf16 / fp32 / fp64, the streaming state, the loss forward + backward (also in place), renorm_kl,
+and an error path (the status word).
+"""
+import torch
+
+import opdcore
+from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear
+from opdcore.ops import renorm_topk_kl, topk_logprobs
+
+assert torch.cuda.is_available() and opdcore.build_info()["cuda_compiled"]
+torch.manual_seed(0)
+for dt in (torch.bfloat16, torch.float32, torch.float64):
+    for n, v in ((5, 1037), (2, 40_000)):
+        x = (torch.randn(n, v + 1, device="cuda") * 3).to(dt)[:, 1:]  # unaligned rows
+        for k in (1, 16, 100, 150):
+            topk_logprobs(x, k)
+        topk_logprobs(x.t().contiguous().t(), 8)  # strided columns
+        ids = torch.randint(0, v, (n, 6), device="cuda")
+        logprobs_at(x, ids)
+        st = StreamState(n, 16, ids, dtype=torch.float64 if dt == torch.float64 else torch.float32, device="cuda")
+        st.update(x[:, : v // 2], 0).update(x[:, v // 2:], v // 2)
+        st.finalize()
+        xr = x.detach().clone().requires_grad_(True)
+        out = opd_topk_loss(xr, ids, -torch.rand(n, 6, device="cuda"), None)
+        out.loss.sum().backward()
+        renorm_topk_kl(xr, ids, -torch.rand(n, 6, device="cuda")).sum().backward()
+    h = torch.randn(7, 32, device="cuda").to(dt).requires_grad_(True)
+    w = torch.randn(999, 32, device="cuda").to(dt).requires_grad_(True)
+    linear_topk(h.detach(), w.detach(), 16, chunk_size=300)
+    ids = torch.randint(0, 999, (7, 4), device="cuda")
+    opd_topk_loss_linear(h, w, ids, -torch.rand(7, 4, device="cuda"), chunk_size=300).loss.sum().backward()
+bad = torch.randn(3, 100, device="cuda")
+bad[1, 5] = float("nan")
+try:
+    topk_logprobs(bad, 4)
+    raise SystemExit("expected an error")
+except RuntimeError as e:
+    assert "row 1" in str(e), e
+torch.cuda.synchronize()
+print("sanitizer case done")

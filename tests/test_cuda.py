@@ -1,0 +1,462 @@
+"""CUDA kernels against the CPU kernels (and python/opdcore/reference.py) on fresh random inputs.
+
+Every test here is marked `cuda` and skips unless a GPU is visible and opdcore was built with its CUDA kernels
+(build_info()['cuda_compiled']). Top-k ids must match the CPU exactly (the scaled logits are computed with the
+same IEEE rounding, and ties go to the lower id on both); log-probs, log-sum-exp, entropy and gradients match to
+floating-point tolerance (the GPU's exp differs from the CPU polynomial by a few ulp). Error paths must raise the
+CPU's exact message, which names the first bad row.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import opdcore
+from opdcore import reference as ref
+from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
+from opdcore.ops import renorm_topk_kl
+from opdcore.ops.loss import WEIGHT_MODES, weight_mode_index
+
+# OPDCORE_CUDA_TEST_DEVICE=cpu runs every test CPU against CPU: a self-check of this file's mechanics on a
+# machine without a GPU (it proves nothing about the CUDA kernels).
+DEV = os.environ.get("OPDCORE_CUDA_TEST_DEVICE", "cuda")
+_HAVE_CUDA = torch.cuda.is_available() and bool(opdcore.build_info()["cuda_compiled"])
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEV == "cuda" and not _HAVE_CUDA, reason="needs an NVIDIA GPU and opdcore built with CUDA kernels"),
+]
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_ops = torch.ops.opdcore
+
+
+def _tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=5e-5)
+
+
+def _close(a, b, dtype, what, **over):
+    kw = {**_tol(dtype), **over}
+    torch.testing.assert_close(a.cpu(), b.cpu(), msg=lambda m: f"{what}: {m}", **kw)
+
+
+def make_logits(n, v, dtype, *, seed=0, neg_inf_frac=0.05, ties=True, scale=3.0):
+    """Random logits with -inf entries, exact ties (quantised rows) and one row that is mostly -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
+    if ties and n > 1:
+        x[::2] = torch.round(x[::2] * 2) / 2  # many exact ties in every other row
+    if neg_inf_frac > 0:
+        x[torch.rand(n, v, generator=g) < neg_inf_frac] = float("-inf")
+    if n > 2 and v > 3:
+        x[1, 3:] = float("-inf")  # a row with only 3 finite entries
+    x[:, 0] = torch.where(torch.isinf(x[:, 0]), torch.zeros_like(x[:, 0]), x[:, 0])  # every row has a finite value
+    return x.to(dtype)
+
+
+def both(fn, *tensors):
+    """fn on CUDA copies and on CPU copies of the tensors."""
+    return fn(*[t.to(DEV) for t in tensors]), fn(*[t.cpu() for t in tensors])
+
+
+# ---- topk_logprobs / logprobs_at ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("v,k", [(1, 1), (7, 3), (33, 16), (257, 16), (1000, 64), (4099, 100), (3001, 200)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_topk_matches_cpu(dtype, v, k, temperature):
+    x = make_logits(9, v, dtype, seed=v + k)
+    g, c = both(lambda t: topk_logprobs(t, k, temperature), x)
+    assert torch.equal(g.ids.cpu(), c.ids), "top-k ids (order and ties) differ from the CPU"
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.entropy, c.entropy, dtype, "entropy", atol=1e-4 if dtype != torch.float64 else 1e-10)
+    rid, rlp, rlse, rent = ref.topk_logprobs(x, k, temperature)
+    assert torch.equal(g.ids.cpu(), rid)
+    _close(g.logprobs, rlp, dtype, "logprobs vs reference", rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [5, 16, 150])
+def test_topk_split_rows(dtype, k):
+    """Few long rows: several blocks per row and a merge kernel."""
+    x = make_logits(3, 50_021, dtype, seed=k)
+    g, c = both(lambda t: topk_logprobs(t, k), x)
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.entropy, c.entropy, dtype, "entropy", atol=1e-4 if dtype != torch.float64 else 1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row_offset", "padded_rows", "col_strided", "odd_rows"])
+def test_topk_noncontiguous(dtype, layout):
+    base = make_logits(12, 1203, dtype, seed=3)
+    if layout == "row_offset":  # every row starts 1 element past a 16-byte boundary
+        x = torch.cat([base[:, :1], base], 1).to(DEV)[:, 1:]
+    elif layout == "padded_rows":
+        x = torch.cat([base, base[:, :5]], 1).to(DEV)[:, :1203]
+    elif layout == "col_strided":
+        x = base.t().contiguous().to(DEV).t()
+    else:
+        x = base.to(DEV)[::3]
+        base = base[::3]
+    g = topk_logprobs(x, 16, 0.9)
+    c = topk_logprobs(base.cpu().contiguous(), 16, 0.9)
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+
+
+def test_topk_all_ties_and_signed_zero():
+    x = torch.zeros(4, 300)
+    x[1] = -0.0
+    x[2, ::2] = -0.0  # -0 and +0 are equal: ties go to the lower id
+    x[3] = 1.0
+    for dt in DTYPES:
+        g, c = both(lambda t: topk_logprobs(t, 20), x.to(dt))
+        assert torch.equal(g.ids.cpu(), c.ids)
+        assert torch.equal(c.ids, torch.arange(20).expand(4, 20))
+
+
+def test_topk_sorted_ascending_rows():
+    """Every element beats the last: the worst case of the candidate filter."""
+    x = torch.arange(20_000, dtype=torch.float32).repeat(3, 1) / 100
+    g, c = both(lambda t: topk_logprobs(t, 64), x)
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.logprobs, c.logprobs, torch.float32, "logprobs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,v,m", [(9, 37, 5), (5, 4099, 32), (2, 40_000, 17)])
+def test_logprobs_at(dtype, n, v, m):
+    x = make_logits(n, v, dtype, seed=m)
+    ids = torch.randint(0, v, (n, m))
+    ids[:, 0] = 0
+    (glp, glse), (clp, clse) = both(lambda t, i: logprobs_at(t, i, 1.3), x, ids)
+    _close(glp, clp, dtype, "logprobs_at")
+    _close(glse, clse, dtype, "lse")
+
+
+# ---- streaming state -------------------------------------------------------------------------------------------
+
+
+def _stream(x, k, tids, chunks, device, temperature=1.0, order=None):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    st = StreamState(x.shape[0], k, tids.to(device), dtype=acc, device=device, temperature=temperature)
+    bounds = list(zip(chunks[:-1], chunks[1:]))
+    for lo, hi in (bounds if order is None else [bounds[i] for i in order]):
+        st.update(x[:, lo:hi].to(device), lo)
+    return st
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [0, 1, 16, 100, 140])
+def test_stream_chunks_match_cpu(dtype, k):
+    n, v = 7, 5003
+    x = make_logits(n, v, dtype, seed=k)
+    tids = torch.randint(0, v, (n, 6))
+    chunks = [0, 1, 1000, 1001, 2049, 4096, v]
+    order = [3, 0, 5, 1, 4, 2]  # any order
+    g = _stream(x, k, tids, chunks, DEV, 0.8, order).finalize()
+    c = _stream(x, k, tids, chunks, "cpu", 0.8, order).finalize()
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.entropy, c.entropy, dtype, "entropy", atol=1e-4 if dtype != torch.float64 else 1e-10)
+    _close(g.target_logprobs, c.target_logprobs, dtype, "target_logprobs")
+
+
+@pytest.mark.parametrize("k", [8, 130])
+def test_stream_state_interop_and_merge(k):
+    """A state updated on CUDA continues on CPU (valid heap layout) and merges like the CPU's."""
+    n, v = 6, 3000
+    x = make_logits(n, v, torch.float32, seed=11)
+    tids = torch.randint(0, v, (n, 4))
+    a_gpu = _stream(x, k, tids, [0, 1500], DEV)
+    a_cpu = StreamState(n, k, tids, dtype=torch.float32)
+    for name in ("max", "sumexp", "ent", "heap_vals", "heap_ids", "target_vals"):
+        getattr(a_cpu, name).copy_(getattr(a_gpu, name).cpu())
+    a_cpu.update(x[:, 1500:], 1500)
+    c = _stream(x, k, tids, [0, 1500, v], "cpu").finalize()
+    r = a_cpu.finalize()
+    assert torch.equal(r.ids, c.ids)
+    # merge of two CUDA states over disjoint ranges
+    b_gpu = _stream(x, k, tids, [1500, v], DEV)
+    m = a_gpu.merge(b_gpu).finalize()
+    assert torch.equal(m.ids.cpu(), c.ids)
+    _close(m.lse, c.lse, torch.float32, "merged lse")
+    _close(m.entropy, c.entropy, torch.float32, "merged entropy", atol=1e-4)
+    _close(m.target_logprobs, c.target_logprobs, torch.float32, "merged targets")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stream_split_rows(dtype):
+    x = make_logits(2, 70_000, dtype, seed=5)
+    tids = torch.randint(0, 70_000, (2, 3))
+    g = _stream(x, 16, tids, [0, 33_333, 70_000], DEV).finalize()
+    c = _stream(x, 16, tids, [0, 33_333, 70_000], "cpu").finalize()
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.target_logprobs, c.target_logprobs, dtype, "targets")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_linear_topk(dtype):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(33, 64, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(1001, 64, generator=g, dtype=torch.float64).to(dtype)
+    ids = torch.randint(0, 1001, (33, 3))
+    rg = linear_topk(h.to(DEV), w.to(DEV), 16, 1.0, chunk_size=300, ids=ids.to(DEV))
+    rc = linear_topk(h, w, 16, 1.0, chunk_size=300, ids=ids)
+    # the matmul differs between devices, so values may differ in the last bits: compare values, and ids where
+    # the top-k values are well separated
+    _close(rg.lse, rc.lse, dtype, "lse", rtol=2e-2, atol=2e-2)
+    _close(rg.target_logprobs, rc.target_logprobs, dtype, "targets", rtol=2e-2, atol=2e-2)
+    if dtype == torch.float64:
+        assert torch.equal(rg.ids.cpu(), rc.ids)
+
+
+# ---- error paths: the CPU's message (first bad row) -------------------------------------------------------------
+
+
+def _same_error(fn, *tensors):
+    msgs = []
+    for dev in (DEV, "cpu"):
+        with pytest.raises(RuntimeError) as e:
+            fn(*[t.to(dev) for t in tensors])
+        msgs.append(str(e.value).splitlines()[0])
+    assert msgs[0] == msgs[1], msgs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_errors_match_cpu(dtype):
+    x = make_logits(8, 300, dtype, seed=1)
+    bad = x.clone()
+    bad[5, 17] = float("nan")
+    bad[3, 200] = float("inf")
+    _same_error(lambda t: topk_logprobs(t, 4), bad)
+    allneg = x.clone()
+    allneg[6] = float("-inf")
+    allneg[7, 3] = float("nan")
+    _same_error(lambda t: topk_logprobs(t, 4), allneg)
+    ids = torch.randint(0, 300, (8, 3))
+    ids[4, 1] = 300
+    ids[6, 0] = -1
+    _same_error(lambda t, i: logprobs_at(t, i), x, ids)
+    # several splits per row
+    big = make_logits(2, 60_000, dtype, seed=2)
+    big[1, 45_000] = float("nan")
+    _same_error(lambda t: topk_logprobs(t, 4), big)
+
+
+def test_stream_errors_match_cpu():
+    x = make_logits(4, 100, torch.float32, seed=2)
+    tids = torch.tensor([[1], [2], [3], [150]])
+    # heap not full: k larger than the columns streamed
+    _same_error(lambda t, i: _stream(t, 64, i, [0, 50], t.device.type).finalize(), x, tids)
+    # target 150 never streamed
+    _same_error(lambda t, i: _stream(t, 4, i, [0, 100], t.device.type).finalize(), x, tids)
+    bad = x.clone()
+    bad[2, 7] = float("nan")
+    _same_error(lambda t, i: _stream(t, 4, i, [0, 100], t.device.type), bad, tids)
+
+
+def test_stream_update_nonfinite_names_row():
+    x = make_logits(3, 200, torch.float32, seed=3)
+    st = StreamState(3, 4, dtype=torch.float32, device=DEV)
+    st.update(x[:, :100].to(DEV), 0)
+    bad = x[:, 100:].clone()
+    bad[1, 5] = float("nan")
+    with pytest.raises(RuntimeError, match=r"NaN or \+inf \(row 1\)"):
+        st.update(bad.to(DEV), 100)
+
+
+def test_cuda_errors_name_arguments():
+    x = torch.randn(4, 50, device=DEV)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        topk_logprobs(x, 51)
+    if DEV == "cuda":
+        with pytest.raises(RuntimeError, match="is on"):
+            logprobs_at(x, torch.zeros(4, 1, dtype=torch.long))  # ids left on the CPU
+    with pytest.raises(RuntimeError, match="temperature"):
+        topk_logprobs(x, 3, 0.0)
+
+
+# ---- OPD loss ------------------------------------------------------------------------------------------------
+
+
+def make_set(n, v, K, *, seed=0, dup=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(v, generator=g)[:K] for _ in range(n)])
+    if dup and K > 2:
+        ids[:, -1] = ids[:, 0]  # a duplicate id (union layout marks it invalid)
+    tq = -torch.rand(n, K, generator=g, dtype=torch.float64) * 8 - 0.1
+    valid = torch.rand(n, K, generator=g) > 0.2
+    valid[:, 0] = True
+    if dup and K > 2:
+        valid[:, -1] = False
+    return ids, tq, valid
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", WEIGHT_MODES)
+@pytest.mark.parametrize("clip", [0.0, 5.0])
+def test_loss_forward_backward(dtype, mode, clip):
+    n, v, K = 11, 1037, 9
+    x = make_logits(n, v, dtype, seed=7, neg_inf_frac=0.02)
+    ids, tq, valid = make_set(n, v, K, seed=3)
+    # ids must have finite student logits
+    x = x.scatter(1, ids, torch.randn(n, K, dtype=torch.float64).to(dtype))
+    if clip:
+        tq[2, 1] = float("-inf")  # accepted with clipping
+        valid[2, 1] = True
+
+    def run(device):
+        xs = x.to(device).requires_grad_(True)
+        out = opd_topk_loss(xs, ids.to(device), tq.to(device), valid.to(device), weight_mode=mode,
+                            temperature=0.9, log_ratio_clip=clip)
+        w = torch.linspace(0.5, 1.5, n, dtype=out.loss.dtype, device=device)
+        (out.loss * w).sum().backward()
+        return out, xs.grad
+
+    (og, gg), (oc, gc) = run(DEV), run("cpu")
+    _close(og.loss, oc.loss, dtype, "loss", rtol=1e-4, atol=1e-5)
+    _close(og.rewards, oc.rewards, dtype, "rewards", rtol=1e-4, atol=1e-5)
+    _close(og.student_logprobs, oc.student_logprobs, dtype, "student_logprobs")
+    _close(og.lse, oc.lse, dtype, "lse")
+    lp_tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
+        dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4))
+    _close(gg.float(), gc.float(), dtype, "grad", **lp_tol)
+    rl, rr = ref.opd_topk_loss(x.cpu(), ids, tq, valid, mode, 0.9, clip)
+    _close(og.loss.double(), rl.double(), torch.float32, "loss vs reference", rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_split_rows(dtype):
+    n, v, K = 2, 60_001, 16
+    x = make_logits(n, v, dtype, seed=8, neg_inf_frac=0.0)
+    ids, tq, valid = make_set(n, v, K, seed=4)
+    (og, oc) = both(lambda t, i, q, m: opd_topk_loss(t, i, q, m), x, ids, tq, valid)
+    _close(og.loss, oc.loss, dtype, "loss", rtol=1e-4, atol=1e-5)
+    _close(og.student_logprobs, oc.student_logprobs, dtype, "student_logprobs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_backward_chunk_inplace(dtype):
+    """The in-place chunk backward (grad aliases the logits), with an odd chunk width and offset."""
+    n, v, K = 5, 997, 7
+    x = make_logits(n, v, dtype, seed=9, neg_inf_frac=0.0)
+    ids, tq, valid = make_set(n, v, K, seed=5)
+    x = x.scatter(1, ids, torch.randn(n, K, dtype=torch.float64).to(dtype))  # finite student logits on the set
+    out = opd_topk_loss(x, ids, tq, valid)
+    g = torch.rand(n, dtype=out.lse.dtype)
+    for off, width in [(0, 333), (333, 1), (334, 663)]:
+        res = []
+        for dev in (DEV, "cpu"):
+            work = torch.empty(n, 672, dtype=dtype, device=dev)  # padded rows, like iter_head_chunks
+            chunk = work[:, :width]
+            chunk.copy_(x[:, off:off + width].to(dev))
+            _ops.opd_topk_loss_bwd_chunk_(chunk, off, g.to(dev), out.lse.to(dev), ids.to(dev), out.rewards.to(dev),
+                                          1.0)
+            res.append(chunk.float().cpu())
+        _close(res[0], res[1], dtype, f"chunk {off}", rtol=1e-4 if dtype != torch.bfloat16 else 1.6e-2,
+               atol=1e-6 if dtype != torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["student_p", "none"])
+def test_loss_linear_gradients(dtype, mode):
+    n, H, v, K = 17, 32, 1003, 6
+    gen = torch.Generator().manual_seed(1)
+    h = (torch.randn(n, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    w = (torch.randn(v, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    ids, tq, valid = make_set(n, v, K, seed=6)
+
+    def run(device):
+        hs, ws = h.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
+        out = opd_topk_loss_linear(hs, ws, ids.to(device), tq.to(device), valid.to(device), weight_mode=mode,
+                                   chunk_size=257)
+        out.loss.sum().backward()
+        return out.loss, hs.grad, ws.grad
+
+    (lg, hg, wg), (lc, hc, wc) = run(DEV), run("cpu")
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else (
+        dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2))
+    _close(lg.float(), lc.float(), dtype, "loss", **tol)
+    _close(hg.float(), hc.float(), dtype, "grad hidden", **tol)
+    _close(wg.float(), wc.float(), dtype, "grad weight", **tol)
+
+
+@pytest.mark.parametrize("acc", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", range(len(WEIGHT_MODES)))
+def test_opd_rewards(acc, mode):
+    n, K = 40, 12
+    gen = torch.Generator().manual_seed(mode)
+    slp = (-torch.rand(n, K, generator=gen, dtype=torch.float64) * 10).to(acc)
+    tlp = (-torch.rand(n, K, generator=gen, dtype=torch.float64) * 10).to(acc)
+    valid = torch.rand(n, K, generator=gen) > 0.3
+    valid[5] = False  # an empty set
+    for clip in (0.0, 2.0):
+        (rg, lg), (rc, lc) = both(lambda s, t, v: _ops.opd_rewards(s, t, v, mode, clip), slp, tlp, valid)
+        _close(rg, rc, acc, "rewards", rtol=1e-5 if acc == torch.float32 else 1e-12)
+        _close(lg, lc, acc, "loss", rtol=1e-5 if acc == torch.float32 else 1e-12)
+    bad = slp.clone()
+    bad[7, 3] = float("-inf")
+    valid2 = valid.clone()
+    valid2[7, 3] = True
+    badt = tlp.clone()
+    badt[3, 0] = float("nan")
+    valid2[3, 0] = True
+    _same_error(lambda s, t, v: _ops.opd_rewards(s, t, v, mode, 0.0), bad, badt, valid2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_renorm_kl(dtype):
+    n, v, K = 13, 500, 8
+    x = make_logits(n, v, dtype, seed=12, neg_inf_frac=0.0)
+    ids, tq, valid = make_set(n, v, K, seed=8, dup=False)
+    valid[4] = False  # empty set: loss 0
+
+    def run(device):
+        xs = x.to(device).requires_grad_(True)
+        loss = renorm_topk_kl(xs, ids.to(device), tq.to(device), valid.to(device), temperature=1.2)
+        loss.sum().backward()
+        return loss, xs.grad
+
+    (lg, gg), (lc, gc) = run(DEV), run("cpu")
+    _close(lg, lc, dtype, "loss", rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-6)
+    _close(gg.float(), gc.float(), dtype, "grad", rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5)
+    badq = tq.clone()
+    badq[2, 0] = float("inf")
+    _same_error(lambda t, i, q, m: renorm_topk_kl(t, i, q, m), x, ids, badq, valid)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+def test_ops_under_no_sync_capture():
+    """Inside CUDA graph capture the glue skips the status check (no host sync): the op must still capture."""
+    x = torch.randn(64, 4096, device=DEV)
+    topk_logprobs(x, 16)  # warm-up (workspace, allocator) outside the graph
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            out = topk_logprobs(x, 16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.ids.cpu(), topk_logprobs(x.cpu(), 16).ids)
+
+
+def test_combinations_smoke():
+    """A quick sweep of shapes around the vector width and the block size."""
+    for dtype, v, k in itertools.product([torch.float32, torch.bfloat16], [8, 9, 15, 16, 17, 255, 256, 257], [1, 8]):
+        if k > v:
+            continue
+        x = make_logits(3, v, dtype, seed=v)
+        g, c = both(lambda t: topk_logprobs(t, k), x)
+        assert torch.equal(g.ids.cpu(), c.ids), (dtype, v, k)
+        _close(g.lse, c.lse, dtype, f"lse {dtype} {v}")
