@@ -71,6 +71,13 @@ def fused_loss_fwd_bwd(hidden, weight, ids, tq, valid):
     return h.grad
 
 
+def fused_weighted_loss_fwd_bwd(hidden, weight, ids, tq, valid):
+    h = hidden.detach().requires_grad_(True)
+    w = torch.full((h.shape[0],), 1.0 / h.shape[0])
+    opdcore.ops.opd_topk_loss_linear_weighted(h, weight, ids, tq, w, valid)[0].backward()
+    return h.grad
+
+
 def unfused_loss_fwd_bwd(hidden, weight, ids, tq, valid):
     h = hidden.detach().requires_grad_(True)
     opdcore.opd_topk_loss(h @ weight.T, ids, tq, valid).loss.mean().backward()
@@ -148,7 +155,9 @@ def run(args):
             results += [dict(r, config=cfg) for r in rows_for("LM head + extraction", cases, args.repeats)]
             cases = [("matmul + torch autograd", lambda: torch_linear_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
                      ("matmul + opdcore loss", lambda: unfused_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
-                     ("opdcore.opd_topk_loss_linear", lambda: fused_loss_fwd_bwd(hidden, weight, ids, tq, valid))]
+                     ("opdcore.opd_topk_loss_linear", lambda: fused_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
+                     ("opd_topk_loss_linear_weighted",
+                      lambda: fused_weighted_loss_fwd_bwd(hidden, weight, ids, tq, valid))]
             results += [dict(r, config=cfg) for r in rows_for("LM head + loss fwd+bwd", cases, args.repeats)]
     return results
 

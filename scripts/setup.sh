@@ -8,7 +8,6 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${OPDCORE_TORCH:-torch==2.13.0}
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q "$TORCH_SPEC"
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy
 .venv/bin/pip install -q --no-build-isolation -e '.[test]'

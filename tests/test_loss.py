@@ -250,3 +250,42 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.opdcore.opd_rewards.default, (out.student_logprobs, tq, valid, 0, 0.0))
     z = x.detach().gather(1, ids).requires_grad_(True)
     torch.library.opcheck(torch.ops.opdcore.renorm_kl_fwd.default, (z, tq, valid, 1.0))
+
+
+@given(n=st.integers(1, 12), v=st.integers(2, 500), h=st.integers(1, 16), kk=st.integers(1, 10),
+       block=st.integers(1, 3000), mode=st.sampled_from(WEIGHT_MODES), seed=st.integers(0, 2**31))
+def test_weighted_linear_loss_matches_unfused(n, v, h, kk, block, mode, seed):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, v, (n, kk), generator=g)
+    tq = -torch.rand(n, kk, generator=g, dtype=torch.float64) * 8
+    valid = torch.rand(n, kk, generator=g) < 0.7
+    w = torch.rand(n, generator=g, dtype=torch.float64)
+    total, out = opdcore.ops.opd_topk_loss_linear_weighted(hidden, weight, ids, tq, w, valid, weight_mode=mode,
+                                                           temperature=0.8, log_ratio_clip=2.0,
+                                                           max_block_elements=block)
+    (3.0 * total).backward()  # a scaled upstream gradient reaches the stored gradients
+    h2, w2 = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    loss_r, rew_r = ref.opd_topk_loss(h2 @ w2.T, ids, tq, valid, mode, 0.8, 2.0)
+    (3.0 * (loss_r * w).sum()).backward()
+    torch.testing.assert_close(total, (loss_r * w).sum().detach())
+    torch.testing.assert_close(out.rewards, rew_r)
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+
+
+def test_weighted_linear_loss_errors_and_frozen_head():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(30, 8)
+    ids, tq = torch.randint(0, 30, (4, 3)), -torch.rand(4, 3)
+    f = opdcore.ops.opd_topk_loss_linear_weighted
+    with pytest.raises(ValueError, match="token_weights must be a floating"):
+        f(hidden, weight, ids, tq, torch.ones(3))
+    with pytest.raises(ValueError, match="max_block_elements"):
+        f(hidden, weight, ids, tq, torch.ones(4), max_block_elements=0)
+    with pytest.raises(ValueError, match="ids holds an id outside"):
+        f(hidden, weight, ids + 30, tq, torch.ones(4))
+    total, _ = f(hidden, weight, ids, tq, torch.ones(4), max_block_elements=60)
+    total.backward()
+    assert hidden.grad is not None and weight.grad is None

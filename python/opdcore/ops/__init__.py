@@ -6,6 +6,7 @@ from opdcore.ops.loss import (
     OPDLoss,
     opd_topk_loss,
     opd_topk_loss_linear,
+    opd_topk_loss_linear_weighted,
     renorm_topk_kl,
     renorm_topk_kl_linear,
     weight_mode_index,

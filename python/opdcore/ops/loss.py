@@ -180,3 +180,82 @@ def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
     set_logits = torch.bmm(weight[ids], hidden.unsqueeze(2)).squeeze(2)  # [N, K]
     return _ops.renorm_kl_fwd(set_logits, tq, valid, float(temperature))[0]
+
+
+# ---- fused with the LM head, reduced with known per-token weights: gradients formed in the forward ------------
+
+class _WeightedLinearOPDLoss(torch.autograd.Function):
+    """sum_t token_weights[t] * loss_t, with the gradient computed in the forward pass.
+
+    Rows are processed in blocks whose [rows, V] logits fit the budget: each block's logits give the loss and,
+    once its log-sum-exp is known, its logits gradient in place, then d hidden and d weight. Three matmuls in
+    all, against four for the vocabulary-chunked per-token version, which must finish the log-sum-exp over the
+    whole vocabulary before it can form any gradient. backward() only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, tq, valid, token_weights, mode, temperature, clip, rows_per_block):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        N = hidden.shape[0]
+        loss = torch.empty(N, dtype=acc, device=hidden.device)
+        rewards = torch.empty(ids.shape, dtype=acc, device=hidden.device)
+        slp = torch.empty(ids.shape, dtype=acc, device=hidden.device)
+        lse = torch.empty(N, dtype=acc, device=hidden.device)
+        with torch.no_grad():
+            for r0 in range(0, N, rows_per_block):
+                r1 = min(N, r0 + rows_per_block)
+                h = hidden[r0:r1]
+                z = h @ weight.T
+                out = _ops.opd_topk_loss_fwd(z, ids[r0:r1], tq[r0:r1], valid[r0:r1], mode, temperature, clip)
+                loss[r0:r1], rewards[r0:r1], slp[r0:r1], lse[r0:r1] = out
+                if need_h or need_w:
+                    _ops.opd_topk_loss_bwd_chunk_(z, 0, token_weights[r0:r1], out[3], ids[r0:r1], out[1],
+                                                  temperature)
+                    if need_h:
+                        torch.matmul(z, weight, out=grad_h[r0:r1])
+                    if need_w:
+                        grad_w.addmm_(z.T.to(acc), h.to(acc))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.mark_non_differentiable(loss, rewards, slp, lse)
+        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, rewards, slp, lse
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None
+
+
+def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
+                                  teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
+                                  valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
+                                  temperature: float = 1.0, log_ratio_clip: float = 0.0,
+                                  max_block_elements: int = 1 << 24):
+    """(sum_t token_weights[t] * loss_t, OPDLoss) on logits = hidden @ weight.T, never holding [N, V].
+
+    For trainers that know each token's weight in the final loss before the forward (token-mean: 1/N_tok):
+    the gradient is formed during the forward, so the head matmul runs three times instead of four. Peak extra
+    memory is one [rows, V] block of at most max_block_elements logits.
+    """
+    check_device(hidden, "hidden")
+    _check_linear(hidden, weight, None)
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
+    if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
+        raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
+                         f"{tuple(token_weights.shape)} {token_weights.dtype}")
+    if log_ratio_clip < 0:
+        raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
+    if max_block_elements < 1:
+        raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
+    total, *out = _WeightedLinearOPDLoss.apply(hidden, weight, ids.contiguous(), tq.to(acc).contiguous(),
+                                               valid.contiguous(), token_weights.detach().to(acc).contiguous(),
+                                               weight_mode_index(weight_mode), float(temperature),
+                                               float(log_ratio_clip), rows)
+    return total, OPDLoss(*out)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import opdcore
-from opdcore.ops import opd_topk_loss_linear, renorm_topk_kl_linear
+from opdcore.ops import opd_topk_loss_linear_weighted, renorm_topk_kl_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,7 +55,8 @@ def _fused_head_supported(model) -> bool:
 
 
 class OPDModel(nn.Module):
-    """A causal LM whose forward returns per-response-token results computed from its hidden states.
+    """A causal LM whose forward returns per-response-token results computed from its hidden states:
+    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" the loss summed with token_weights.
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
     (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
@@ -82,13 +83,14 @@ class OPDModel(nn.Module):
         w = self.hf.get_output_embeddings().weight[:self.vocab]
         if mode == "score":
             return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
-        if mode == "loss":
-            return opd_topk_loss_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                        weight_mode=kw["weight_mode"], temperature=kw["temperature"],
-                                        log_ratio_clip=kw["log_ratio_clip"]).loss
+        if mode == "loss":  # the gradient is formed in the forward: three head matmuls instead of four
+            return opd_topk_loss_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
+                                                 kw["valid"], weight_mode=kw["weight_mode"],
+                                                 temperature=kw["temperature"],
+                                                 log_ratio_clip=kw["log_ratio_clip"])[0]
         if mode == "renorm_kl":
-            return renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                         temperature=kw["temperature"])
+            return (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                          temperature=kw["temperature"]) * kw["token_weights"]).sum()
         raise ValueError(f"unknown mode {mode!r}")
 
     def _from_logits(self, logits, mode, **kw):
@@ -99,12 +101,12 @@ class OPDModel(nn.Module):
             k = kw["k"]
             return opdcore.ops.StreamResult(top.ids[:, :k], top.logprobs[:, :k], top.lse, top.entropy, tgt)
         if mode == "loss":
-            return opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                         weight_mode=kw["weight_mode"], temperature=kw["temperature"],
-                                         log_ratio_clip=kw["log_ratio_clip"]).loss
+            return (opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                          weight_mode=kw["weight_mode"], temperature=kw["temperature"],
+                                          log_ratio_clip=kw["log_ratio_clip"]).loss * kw["token_weights"]).sum()
         if mode == "renorm_kl":
-            return opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                          temperature=kw["temperature"])
+            return (opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
         raise ValueError(f"unknown mode {mode!r}")
 
 

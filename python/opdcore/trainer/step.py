@@ -87,10 +87,9 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
         mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
         mode_name = "renorm_kl" if cfg.loss.renorm_kl else "loss"
-        per_token = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids,
-                            teacher_logprobs=tq, valid=valid, weight_mode=mode,
-                            temperature=cfg.rollout.temperature, log_ratio_clip=cfg.loss.log_ratio_clip)
-        loss = (per_token * w).sum() * scale
+        loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids, teacher_logprobs=tq,
+                       valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
+                       log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale)
         loss.backward()
         total += float(loss.detach())
     grad_norm = _clip(params, cfg.optim.grad_clip)

@@ -1,0 +1,93 @@
+"""OPD step throughput on the embedded default models: opdcore's kernels against the same step written the
+plain PyTorch way (full logits, log_softmax + topk + gather for scoring, the loss through autograd).
+
+    python benchmarks/bench_opd_step.py [--steps 8] [--threads 1]
+
+Both runs use the same config, models, prompts and seeds; only the scoring and loss implementation differs.
+Prints per-phase seconds per step (median over steps after one warm-up step) and tokens/s, as ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+from opdcore.cli import SYNTHETIC_PRESET
+from opdcore.config import load_config
+from opdcore.ops import StreamResult
+from opdcore.trainer.loop import Trainer
+from opdcore.trainer.models import OPDModel
+
+
+class TorchOPDModel(OPDModel):
+    """The plain way: materialise [tokens, vocab] logits, then log_softmax/topk/gather and autograd."""
+
+    def forward(self, input_ids, attention_mask, pred_index, mode, **kw):
+        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab].float()
+        lp = torch.log_softmax(logits / kw["temperature"], dim=-1)
+        if mode == "score":
+            with torch.no_grad():
+                k = kw["k"]
+                vals, ids = torch.topk(lp, max(k, 1), dim=-1)
+                ent = -(lp.exp() * lp).sum(-1)
+                lse = (logits / kw["temperature"])[:, 0] - lp[:, 0]
+                return StreamResult(ids[:, :k], vals[:, :k], lse, ent, lp.gather(1, kw["ids"]))
+        slp = lp.gather(1, kw["ids"])
+        valid, tq = kw["valid"], kw["teacher_logprobs"]
+        with torch.no_grad():
+            l = slp - tq
+            if kw["log_ratio_clip"] > 0:
+                l = l.clamp(-kw["log_ratio_clip"], kw["log_ratio_clip"])
+            if kw["weight_mode"] == "none":
+                w = valid / valid.sum(-1, keepdim=True).clamp(min=1)
+            else:  # student_p
+                w = torch.softmax(slp.masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
+            r = torch.where(valid, -w * l, torch.zeros_like(l))
+        per_token = -(r * torch.where(valid, slp, torch.zeros_like(slp))).sum(-1)
+        return (per_token * kw["token_weights"]).sum()
+
+
+def run(backend: str, args) -> dict:
+    out = tempfile.mkdtemp(prefix=f"opd-bench-{backend}-")
+    cfg = load_config(SYNTHETIC_PRESET, (f"train.steps={args.steps + 1}", f"train.output_dir={out}",
+                                         "train.save_every=0", "eval.every=0", "eval.max_prompts=0",
+                                         "train.progress=false", "train.tensorboard=false",
+                                         f"train.threads={args.threads}", f"loss.topk={args.topk}"))
+    trainer = Trainer(cfg)
+    if backend == "torch":
+        for name in ("student", "teacher"):
+            m = getattr(trainer, name)
+            swapped = TorchOPDModel(m.hf, m.vocab)
+            setattr(trainer, name, swapped)
+        trainer.params = [p for p in trainer.student.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    rows = [trainer.train_step() for _ in range(args.steps + 1)][1:]  # drop the warm-up step
+    keys = [k for k in rows[0] if k.startswith("time_")] + ["tokens_per_s", "loss"]
+    return {k: statistics.median(r[k] for r in rows) for k in keys}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--topk", type=int, default=16)
+    args = p.parse_args()
+    res = {b: run(b, args) for b in ("torch", "opdcore")}
+    keys = [k for k in res["opdcore"] if k.startswith("time_")] + ["tokens_per_s"]
+    print(f"\nOPD step on the synthetic default models, k={args.topk}, {args.threads} thread(s), median of "
+          f"{args.steps} steps\n")
+    print("| phase | plain PyTorch | opdcore | speed-up |")
+    print("|---|---:|---:|---:|")
+    for k in keys:
+        t, o = res["torch"][k], res["opdcore"][k]
+        ratio = t / o if not k.startswith("tokens") else o / t
+        print(f"| {k} | {t:.4f} | {o:.4f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
