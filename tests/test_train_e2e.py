@@ -52,6 +52,7 @@ def test_single_process_run(tiny, tmp_path, extra):
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student was trained
     assert metrics(out, "eval")  # eval before and after
+    assert os.path.isfile(out / "curves.png") and os.path.isdir(out / "tensorboard")
 
 
 def test_killed_run_resumes_exactly(tiny, tmp_path):

@@ -252,6 +252,12 @@ class Trainer:
             self.log.message(f"step {self.step}: final eval {final}")
         self.save_final()
         self.log.close()
+        if dist.is_main():
+            from opdcore.trainer.plots import plot_run
+
+            png = plot_run(self.out)
+            if png:
+                print(f"curves: {png}")
         return final
 
     def save_final(self) -> str:
