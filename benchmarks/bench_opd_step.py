@@ -9,7 +9,6 @@ Prints per-phase seconds per step (median over steps after one warm-up step) and
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

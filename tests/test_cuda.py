@@ -18,7 +18,7 @@ import opdcore
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
 from opdcore.ops import renorm_topk_kl
-from opdcore.ops.loss import WEIGHT_MODES, weight_mode_index
+from opdcore.ops.loss import WEIGHT_MODES
 
 # OPDCORE_CUDA_TEST_DEVICE=cpu runs every test CPU against CPU: a self-check of this file's mechanics on a
 # machine without a GPU (it proves nothing about the CUDA kernels).

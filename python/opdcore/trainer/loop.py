@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 import os
-import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -1,7 +1,7 @@
 """Student and teacher models: loading, vocabulary alignment, the fused-head wrapper, FSDP2 sharding."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn
