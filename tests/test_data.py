@@ -92,3 +92,241 @@ def test_verify():
     assert verify("32", "32") == 0.0  # no stated answer, no credit
     with pytest.raises(ValueError, match="no ground-truth answer"):
         verify("Answer: 1", None)
+
+
+# ---- prompt files -----------------------------------------------------------------------------------------------
+
+from opdcore.data import PromptExample, PromptSampler, filter_long, load_prompts, render_prompt  # noqa: E402
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+ROWS = [
+    {"prompt": "1+1=", "answer": "2"},
+    {"prompt": CHAT, "reward_model": {"ground_truth": "4", "style": "rule"}, "data_source": "toy"},
+    {"prompt": "2+3=", "ground_truth": 5},
+    {"prompt": "no answer here"},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_struct_array(pa.array(rows)), path)  # from_pylist keeps the 1st row's keys only
+    return path
+
+
+def _check_rows(examples):
+    assert [e.index for e in examples] == [0, 1, 2, 3]
+    assert examples[0].prompt == "1+1=" and examples[0].answer == "2"
+    assert examples[1].prompt == CHAT and examples[1].answer == "4"
+    assert examples[1].row["data_source"] == "toy"
+    assert examples[2].answer == "5"  # numbers become strings
+    assert examples[3].answer is None
+
+
+def test_load_prompts_jsonl(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in ROWS[2:]))
+    _check_rows(load_prompts(path))  # blank lines are skipped
+
+
+def test_load_prompts_json_and_parquet(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(ROWS))
+    _check_rows(load_prompts(tmp_path / "p.json"))
+    # a Parquet column has one type (string prompts here, chat prompts below); missing values read back as null
+    out = load_prompts(str(_write_parquet(tmp_path / "p.parquet", [ROWS[0], ROWS[2], ROWS[3]])))
+    assert [(e.prompt, e.answer, e.index) for e in out] == [
+        ("1+1=", "2", 0), ("2+3=", "5", 1), ("no answer here", None, 2)]
+
+
+def test_load_prompts_verl_parquet_layout(tmp_path):
+    rows = [{"data_source": "gsm8k", "prompt": [{"role": "user", "content": f"q{i}"}],
+             "reward_model": {"style": "rule", "ground_truth": str(i)}, "extra_info": {"index": i}} for i in range(3)]
+    out = load_prompts(_write_parquet(tmp_path / "train.parquet", rows))
+    assert [e.answer for e in out] == ["0", "1", "2"]
+    assert out[2].prompt == [{"role": "user", "content": "q2"}]
+
+
+def test_load_prompts_custom_keys(tmp_path):
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"q": {"text": "hi"}, "sol": ["1", 2]}])
+    ex = load_prompts(path, prompt_key="q.text", answer_key="sol")[0]
+    assert ex.prompt == "hi" and ex.answer == ["1", "2"]
+
+
+@pytest.mark.parametrize("rows,kwargs,match", [
+    ([{"prompt": "a"}, {"question": "b"}], {}, r"row 1 \(line 2\): missing prompt key 'prompt'"),
+    ([{"prompt": 3}], {}, r"row 0 \(line 1\): 'prompt' must be a string or a list of chat messages, got int"),
+    ([{"prompt": ""}], {}, "row 0.*empty string"),
+    ([{"prompt": []}], {}, "row 0.*empty list"),
+    ([{"prompt": [{"role": "user"}]}], {}, "row 0.*message 0 must be a dict with string 'role' and 'content'"),
+    ([{"prompt": "a", "answer": True}], {}, "row 0.*'answer' must be a string.*bool"),
+    ([{"prompt": "a", "answer": {"x": 1}}], {}, "row 0.*'answer' must be"),
+    ([{"prompt": "a", "answer": "1"}, {"prompt": "b"}], {"answer_key": "answer"}, "row 1.*missing answer key 'answer'"),
+    (["just a string"], {}, "row 0.*must be a JSON object, got str"),
+])
+def test_load_prompts_row_errors(tmp_path, rows, kwargs, match):
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=match) as info:
+        load_prompts(path, **kwargs)
+    assert str(path) in str(info.value)
+
+
+def test_load_prompts_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_prompts(tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match=r"unsupported prompt file type '\.csv'"):
+        load_prompts(tmp_path / "p.csv")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl row 1 \(line 2\): invalid JSON"):
+        load_prompts(bad)
+    (tmp_path / "obj.json").write_text('{"prompt": "a"}')
+    with pytest.raises(ValueError, match="obj.json: a .json prompt file must hold a list"):
+        load_prompts(tmp_path / "obj.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="broken.json: invalid JSON"):
+        load_prompts(tmp_path / "broken.json")
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match="fake.parquet: cannot read as Parquet"):
+        load_prompts(tmp_path / "fake.parquet")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "\xe9"}\n')
+    with pytest.raises(ValueError, match="latin.jsonl: cannot read as UTF-8"):
+        load_prompts(tmp_path / "latin.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no prompt rows"):
+        load_prompts(tmp_path / "empty.jsonl")
+
+
+# ---- rendering --------------------------------------------------------------------------------------------------
+
+from opdcore.data import build_char_tokenizer  # noqa: E402
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and not enable_thinking %}"
+    "<nothink>{% endif %}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def char_tok(tmp_path_factory):
+    return build_char_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def chat_tok(char_tok):
+    tok = build_char_tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_render_plain_string(char_tok):
+    ids = render_prompt(char_tok, "12+3=")
+    assert ids[0] == char_tok.bos_token_id and char_tok.decode(ids[1:]) == "12+3="
+    ex = PromptExample(prompt="12+3=", answer="15", index=0, row={})
+    assert render_prompt(char_tok, ex) == ids
+
+
+def test_render_chat_template_and_kwargs(chat_tok):
+    ids = render_prompt(chat_tok, CHAT)
+    assert ids.count(chat_tok.bos_token_id) == 1  # the template writes BOS; no second one is added
+    assert chat_tok.decode(ids) == "<bos><system>Be brief.\n<user>What is 2+2?\n<assistant>"
+    off = render_prompt(chat_tok, CHAT, chat_template_kwargs={"enable_thinking": False})
+    assert chat_tok.decode(off).endswith("<assistant><nothink>")
+    # a plain string prompt becomes one user message when the tokenizer has a template
+    assert chat_tok.decode(render_prompt(chat_tok, "hi")) == "<bos><user>hi\n<assistant>"
+    # ... unless the template is switched off
+    assert chat_tok.decode(render_prompt(chat_tok, "hi", use_chat_template=False)) == "<bos>hi"
+    # the same ids as transformers' own tokenize=True path
+    assert ids == list(chat_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+
+
+def test_render_errors(char_tok, chat_tok):
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt(char_tok, CHAT)
+    with pytest.raises(ValueError, match="no chat_template"):
+        render_prompt(char_tok, "x", use_chat_template=True)
+    with pytest.raises(ValueError, match="chat messages need the chat template"):
+        render_prompt(chat_tok, CHAT, use_chat_template=False)
+    with pytest.raises(ValueError, match="chat_template_kwargs given"):
+        render_prompt(char_tok, "x", chat_template_kwargs={"enable_thinking": False})
+    with pytest.raises(TypeError, match="prompt must be a string or chat messages"):
+        render_prompt(char_tok, 5)
+
+
+def test_filter_long():
+    lists = [[1] * n for n in (3, 10, 5, 11)]
+    assert filter_long(lists, 10) == ([0, 1, 2], 1)
+    assert filter_long(lists, None) == ([0, 1, 2, 3], 0)
+    assert filter_long(lists, 2) == ([], 4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="max_prompt_tokens must be a positive int"):
+            filter_long(lists, bad)
+
+
+# ---- sampler ----------------------------------------------------------------------------------------------------
+
+def _draw(sampler, steps):
+    return [next(sampler) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("n,gbs,world", [(10, 4, 2), (7, 6, 3), (3, 8, 4), (32, 8, 1)])
+def test_sampler_ranks_cover_global_batches(n, gbs, world):
+    steps = 9
+    ref = PromptSampler(n, gbs, seed=3)
+    glob = _draw(ref, steps)
+    per_rank = [_draw(PromptSampler(n, gbs, seed=3, rank=r, world_size=world), steps) for r in range(world)]
+    for s in range(steps):
+        assert sum((per_rank[r][s] for r in range(world)), []) == glob[s]  # disjoint slices, in rank order
+        assert all(len(per_rank[r][s]) == gbs // world for r in range(world))
+    # every epoch is a permutation: the stream's first n * k entries hold every index k times
+    stream = sum(glob, [])
+    k = len(stream) // n
+    assert sorted(stream[:n * k]) == sorted(list(range(n)) * k)
+
+
+def test_sampler_deterministic_and_reshuffles():
+    a, b = PromptSampler(20, 20, seed=1), PromptSampler(20, 20, seed=1)
+    ea, eb = _draw(a, 3), _draw(b, 3)
+    assert ea == eb
+    assert ea[0] != ea[1]  # a new permutation per epoch
+    assert _draw(PromptSampler(20, 20, seed=2), 1)[0] != ea[0]
+    assert a.epoch == 3 and a.step == 3
+
+
+def test_sampler_resume_matches_uninterrupted():
+    full = _draw(PromptSampler(13, 4, seed=5, rank=1, world_size=2), 12)
+    first = PromptSampler(13, 4, seed=5, rank=1, world_size=2)
+    head = _draw(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+    resumed = PromptSampler(13, 4, seed=5, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert head + _draw(resumed, 7) == full
+    # the position is global: a different world size resumes the same global stream
+    glob = _draw(PromptSampler(13, 4, seed=5), 12)
+    other = PromptSampler(13, 4, seed=5, rank=0, world_size=4)
+    other.load_state_dict(state)
+    assert next(other) == glob[5][:1]
+
+
+def test_sampler_errors():
+    with pytest.raises(ValueError, match="global_batch_size=6 must be divisible by world_size=4"):
+        PromptSampler(10, 6, world_size=4)
+    with pytest.raises(ValueError, match="rank must be < world_size=2"):
+        PromptSampler(10, 4, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        PromptSampler(0, 4)
+    with pytest.raises(TypeError, match="global_batch_size must be an int"):
+        PromptSampler(10, 2.5)
+    s = PromptSampler(10, 4, seed=1)
+    with pytest.raises(ValueError, match="checkpoint has n=11"):
+        s.load_state_dict({**s.state_dict(), "n": 11})
+    with pytest.raises(ValueError, match="checkpoint has seed=2"):
+        s.load_state_dict({**s.state_dict(), "seed": 2})
+    with pytest.raises(ValueError, match="offset=10 out of range"):
+        s.load_state_dict({**s.state_dict(), "offset": 10})
