@@ -1,5 +1,6 @@
 """opdcore.data (reward, prompt files, rendering, sampler, synthetic task, default setup) and opdcore.sft."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,222 @@ def test_sampler_errors():
         s.load_state_dict({**s.state_dict(), "seed": 2})
     with pytest.raises(ValueError, match="offset=10 out of range"):
         s.load_state_dict({**s.state_dict(), "offset": 10})
+
+
+# ---- synthetic task ---------------------------------------------------------------------------------------------
+
+import random  # noqa: E402
+import re  # noqa: E402
+
+from opdcore.data import addition_procedure, make_addition_problems, parse_procedure_answer, tiny_llama  # noqa: E402
+from opdcore.data.synthetic import CHARACTERS, SPECIAL_TOKENS  # noqa: E402
+
+LINE = re.compile(r"^(\d)\+(\d)\+([01])=(\d+) (\d+)$")
+
+
+def _check_procedure(a, b, text):
+    """Every line's arithmetic, carry and running result, then the final answer."""
+    *lines, last = text.split("\n")
+    assert last == f"Answer: {a + b}"
+    da, db = str(a)[::-1], str(b)[::-1]
+    assert len(lines) == max(len(da), len(db))
+    carry = 0
+    for i, line in enumerate(lines):
+        x, y, c, s, result = LINE.match(line).groups()
+        assert int(x) == (int(da[i]) if i < len(da) else 0) and int(y) == (int(db[i]) if i < len(db) else 0)
+        assert int(c) == carry and int(s) == int(x) + int(y) + carry
+        carry = int(s) // 10
+        assert int(result) == (a + b) % 10 ** (i + 1) or i == len(lines) - 1
+        assert result == str(a + b)[-(i + 1):] if i < len(lines) - 1 else result == str(a + b)
+    assert parse_procedure_answer(text) == a + b and verify(text, str(a + b)) == 1.0
+
+
+def test_procedure_is_correct_for_random_problems():
+    rng = random.Random(0)
+    for _ in range(300):
+        digits = rng.randint(1, 6)
+        a, b = rng.randrange(10 ** digits), rng.randrange(10 ** rng.randint(1, 6))
+        _check_procedure(a, b, addition_procedure(a, b))
+    for a, b in ((0, 0), (999, 999), (999, 1), (5, 12345)):
+        _check_procedure(a, b, addition_procedure(a, b))
+    assert addition_procedure(123, 489) == "3+9+0=12 2\n2+8+1=11 12\n1+4+1=6 612\nAnswer: 612"
+    with pytest.raises(ValueError, match="non-negative"):
+        addition_procedure(-1, 2)
+
+
+def test_make_addition_problems():
+    probs = make_addition_problems(500, seed=7)
+    assert probs == make_addition_problems(500, seed=7) and probs != make_addition_problems(500, seed=8)
+    assert len({p["prompt"] for p in probs}) == 500
+    for p in probs:
+        a, b = map(int, re.fullmatch(r"(\d{3})\+(\d{3})=", p["prompt"]).groups())
+        assert p["answer"] == str(a + b) and verify(p["response"], p["answer"]) == 1.0
+        _check_procedure(a, b, p["response"])
+        assert 40 <= len(p["response"]) <= 70
+    more = make_addition_problems(100, seed=7, exclude={p["prompt"] for p in probs})
+    assert not {p["prompt"] for p in more} & {p["prompt"] for p in probs}
+    assert len(make_addition_problems(100, seed=0, digits=1)) == 100  # the whole 1-digit space
+    with pytest.raises(ValueError, match="cannot draw n=101 distinct 1-digit problems"):
+        make_addition_problems(101, seed=0, digits=1)
+
+
+def test_char_tokenizer_round_trip(char_tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert len(char_tok) == 100 == len(SPECIAL_TOKENS) + len(CHARACTERS)
+    assert (char_tok.pad_token_id, char_tok.bos_token_id, char_tok.eos_token_id, char_tok.unk_token_id) == (0, 1, 2, 3)
+    assert char_tok.chat_template is None
+    text = "".join(CHARACTERS) + "  12+34=\n1+2+0=3 3\nAnswer: 46"
+    ids = char_tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and char_tok.decode(ids) == text  # one token per character, no separators
+    assert char_tok("ab")["input_ids"][0] == char_tok.bos_token_id  # BOS prepended, EOS never appended
+    assert char_tok("ab")["input_ids"][-1] != char_tok.eos_token_id
+    assert char_tok("\u00e9", add_special_tokens=False)["input_ids"] == [char_tok.unk_token_id]
+    out = tmp_path / "tok"
+    build_char_tokenizer(out)
+    loaded = AutoTokenizer.from_pretrained(out)
+    assert loaded(text)["input_ids"] == char_tok(text)["input_ids"] and loaded.decode(ids) == text
+    assert loaded.eos_token == "<eos>" and loaded.pad_token == "<pad>"
+
+
+def test_tiny_llama(char_tok):
+    m = tiny_llama(len(char_tok), 16, 1, 2, 32, 64, tokenizer=char_tok, seed=0)
+    c = m.config
+    assert (c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (
+        100, 16, 1, 2, 32)
+    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.max_position_embeddings) == (1, 2, 0, 64)
+    assert not c.tie_word_embeddings and not m.training
+    again = tiny_llama(len(char_tok), 16, 1, 2, 32, 64, tokenizer=char_tok, seed=0)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), again.parameters()))
+    tied = tiny_llama(100, 16, 1, 2, tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="hidden=10 must be divisible by heads=4"):
+        tiny_llama(100, 10, 1, 4)
+    with pytest.raises(ValueError, match="vocab_size=50 is smaller than the tokenizer"):
+        tiny_llama(50, 16, 1, 2, tokenizer=char_tok)
+
+
+# ---- SFT --------------------------------------------------------------------------------------------------------
+
+from opdcore import sft  # noqa: E402
+
+
+def test_sft_labels_cover_response_and_eos_only(char_tok):
+    seqs = [sft.encode_sft_example(char_tok, "1+2=", "x"), sft.encode_sft_example(char_tok, "10+20=", "ab")]
+    assert seqs[0] == ([1] + char_tok("1+2=", add_special_tokens=False)["input_ids"]
+                       + char_tok("x", add_special_tokens=False)["input_ids"] + [2], 5)
+    batch = sft._collate(seqs, char_tok.pad_token_id)
+    assert batch["input_ids"].shape == (2, 10)
+    assert batch["attention_mask"].tolist() == [[1] * 7 + [0] * 3, [1] * 10]
+    labels = batch["labels"].tolist()
+    assert labels[0] == [-100] * 5 + seqs[0][0][5:] + [-100] * 3  # the response char and eos
+    assert labels[1] == [-100] * 7 + seqs[1][0][7:]
+
+
+def test_sft_lowers_loss_and_stops_early(char_tok):
+    examples = [(p["prompt"], p["response"]) for p in make_addition_problems(64, seed=1, digits=2)]
+    model = tiny_llama(len(char_tok), 32, 1, 2, tokenizer=char_tok, seed=0)
+    losses = sft.sft_train(model, char_tok, examples, steps=60, batch_size=16, lr=1e-2, warmup=3, seed=0,
+                           progress=False)
+    assert len(losses) == 60 and not model.training
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+    stopped = sft.sft_train(model, char_tok, examples, steps=30, batch_size=4, lr=1e-3, seed=0, progress=False,
+                            callback=lambda step, loss: step == 3)
+    assert len(stopped) == 3
+    with pytest.warns(UserWarning, match="dropped 64 of 64"), pytest.raises(ValueError, match="no training examples"):
+        sft.sft_train(model, char_tok, examples, steps=1, batch_size=1, lr=1e-3, max_len=5, progress=False)
+    with pytest.raises(ValueError, match="steps and batch_size must be >= 1"):
+        sft.sft_train(model, char_tok, examples, steps=0, batch_size=1, lr=1e-3, progress=False)
+
+
+def test_cosine_schedule():
+    assert [round(sft.cosine_schedule(s, 10, 2), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_greedy_generate_left_padding_matches_unbatched(char_tok):
+    model = tiny_llama(len(char_tok), 32, 2, 2, tokenizer=char_tok, seed=3)
+    prompts = ["1+2=", "123+456=", "7=", "99999+1="]
+    batched = sft.greedy_generate(model, char_tok, prompts, max_new_tokens=12, batch_size=4)
+    single = [sft.greedy_generate(model, char_tok, [p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == single and all(len(t) > 0 for t in batched)
+
+
+def test_greedy_accuracy_scores_with_verify(char_tok, monkeypatch):
+    monkeypatch.setattr(sft, "greedy_generate", lambda *a, **k: ["Answer: 3", "Answer: 4", "no answer", r"\boxed{7}"])
+    assert sft.greedy_accuracy(None, char_tok, ["a", "b", "c", "d"], ["3", "5", "1", 7], max_new_tokens=4) == 0.5
+    with pytest.raises(ValueError, match="4 prompts but 3 answers"):
+        sft.greedy_accuracy(None, char_tok, ["a", "b", "c", "d"], ["3", "5", "1"], max_new_tokens=4)
+
+
+# ---- default setup ----------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+from opdcore.data import DefaultSetup, prepare_default_setup  # noqa: E402
+
+TINY = dict(teacher={"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32},
+            student={"hidden": 8, "layers": 1, "heads": 2, "intermediate": 16},
+            teacher_sft_steps=3, student_sft_steps=4, student_target_accuracy=None, n_sft=16, n_train=8, n_dev=4,
+            n_eval=6, batch_size=4, progress=False)
+
+
+def test_prepare_default_setup_tiny_and_cached(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    setup = prepare_default_setup(tmp_path, **TINY)
+    assert isinstance(setup, DefaultSetup) and not setup.from_cache and setup.student_sft_steps == 4
+    assert 0.0 <= setup.teacher_accuracy <= 1.0 and 0.0 <= setup.student_accuracy <= 1.0
+    train, evals = load_prompts(setup.train_prompts_path), load_prompts(setup.eval_prompts_path)
+    sft_rows = [json.loads(line) for line in Path(setup.sft_data_path).read_text().splitlines()]
+    assert (len(train), len(evals), len(sft_rows)) == (8, 6, 16)
+    assert all(isinstance(e.prompt, str) and e.answer for e in train + evals)
+    sets = [{e.prompt for e in train}, {e.prompt for e in evals}, {r["prompt"] for r in sft_rows}]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])  # disjoint problem sets
+    tok = AutoTokenizer.from_pretrained(setup.tokenizer_dir)
+    for d, hidden in ((setup.teacher_dir, 16), (setup.student_dir, 8)):
+        assert os.path.exists(os.path.join(d, "model.safetensors"))
+        model = AutoModelForCausalLM.from_pretrained(d)
+        assert model.config.hidden_size == hidden and model.config.eos_token_id == tok.eos_token_id
+        assert AutoTokenizer.from_pretrained(d)("1+2=")["input_ids"] == tok("1+2=")["input_ids"]
+    assert setup.max_new_tokens >= max(len(r["response"]) for r in sft_rows) + 1
+
+    again = prepare_default_setup(tmp_path, **TINY)
+    assert again.from_cache and again == DefaultSetup(**{**vars(setup), "from_cache": True})
+    other = prepare_default_setup(tmp_path, **{**TINY, "seed": 1})  # any setting change is a new cache entry
+    assert other.root != setup.root and not other.from_cache
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == sorted(
+        [os.path.basename(setup.root), os.path.basename(other.root)])  # no temporary directory left behind
+
+
+def test_prepare_default_setup_never_uses_a_broken_cache(tmp_path):
+    setup = prepare_default_setup(tmp_path, **TINY)
+    key = os.path.basename(setup.root)
+    # a killed run leaves only a temporary directory: removed by the next build, never read
+    os.rename(setup.root, tmp_path / f".{key}.tmp-killed")
+    rebuilt = prepare_default_setup(tmp_path, **TINY)
+    assert not rebuilt.from_cache and not (tmp_path / f".{key}.tmp-killed").exists()
+    # a complete-looking directory without its marker file (or with missing parts) is rebuilt
+    os.remove(os.path.join(rebuilt.root, "setup.json"))
+    assert not prepare_default_setup(tmp_path, **TINY).from_cache
+    import shutil
+    shutil.rmtree(rebuilt.student_dir)
+    assert not prepare_default_setup(tmp_path, **TINY).from_cache
+    assert prepare_default_setup(tmp_path, **TINY).from_cache
+
+
+def test_prepare_default_setup_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown student setting"):
+        prepare_default_setup(tmp_path, **{**TINY, "student": {"width": 3}})
+    with pytest.raises(ValueError, match="n_eval must be an int >= 1"):
+        prepare_default_setup(tmp_path, **{**TINY, "n_eval": 0})
+    with pytest.raises(ValueError, match="student_target_accuracy must be in"):
+        prepare_default_setup(tmp_path, **{**TINY, "student_target_accuracy": 1.5})
+
+
+@pytest.mark.slow
+def test_prepare_default_setup_full_size(tmp_path):
+    """The real default: teacher near 100%, student clearly weaker (stopped near 20%)."""
+    setup = prepare_default_setup(tmp_path, progress=False)
+    assert setup.teacher_accuracy >= 0.95
+    assert 0.08 <= setup.student_accuracy <= 0.4
+    assert setup.build_seconds < 180
