@@ -14,9 +14,17 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (or set OPDCORE_RUN_SLOW=1)")
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
+    run_slow = config.getoption("--runslow") or os.environ.get("OPDCORE_RUN_SLOW") == "1"
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of opdcore")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or OPDCORE_RUN_SLOW=1")
     for item in items:
         if "cuda" in item.keywords and not has_gpu:
             item.add_marker(skip)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)

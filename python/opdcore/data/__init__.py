@@ -1,0 +1,18 @@
+"""Data for the trainer: prompt sets and their rendering, the verifiable reward, and the embedded synthetic task
+(opdcore.sft holds the SFT loop and greedy accuracy)."""
+from opdcore.data.default_setup import DefaultSetup, prepare_default_setup
+from opdcore.data.prompts import PromptExample, PromptSampler, filter_long, load_prompts, render_prompt
+from opdcore.data.reward import answers_match, extract_answer, normalize_answer, verify
+from opdcore.data.synthetic import (
+    addition_procedure,
+    build_char_tokenizer,
+    make_addition_problems,
+    parse_procedure_answer,
+    tiny_llama,
+)
+
+__all__ = [
+    "DefaultSetup", "PromptExample", "PromptSampler", "addition_procedure", "answers_match", "build_char_tokenizer",
+    "extract_answer", "filter_long", "load_prompts", "make_addition_problems", "normalize_answer",
+    "parse_procedure_answer", "prepare_default_setup", "render_prompt", "tiny_llama", "verify",
+]
