@@ -66,7 +66,7 @@ class Trainer:
         if m.student != "synthetic":
             return {"student": m.student, "teacher": m.teacher, "tokenizer": m.tokenizer or m.student,
                     "train": d.train_path, "eval": d.eval_path}
-        from opdcore.data.synthetic import prepare_default_setup
+        from opdcore.data.default_setup import prepare_default_setup
 
         cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
         setup = None
