@@ -36,7 +36,8 @@ def metrics(out_dir, kind="train"):
     {},
     {"loss.topk": 0, "loss.log_ratio_clip": 0.0},
     {"loss.strategy": "union", "loss.fused_lm_head": False, "loss.aggregation": "seq-mean-token-mean"},
-    {"loss.renorm_kl": True, "loss.strategy": "intersection"},
+    {"loss.renorm_kl": True, "loss.strategy": "intersection", "loss.outcome_weight": 0.5},
+    {"loss.outcome_weight": 1.0, "loss.fused_lm_head": False},
 ])
 def test_single_process_run(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM

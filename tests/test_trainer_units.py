@@ -114,3 +114,27 @@ def test_schedules(kind):
         assert lrs[-1] < lrs[2] and min(lrs) >= 0.1 - 1e-9
     with pytest.raises(ValueError, match="schedule must be"):
         make_scheduler(opt, "step", 0, 10)
+
+
+def test_grpo_advantages():
+    adv = S.grpo_advantages([0, 0, 0, 0, 1, 1], [1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    torch.testing.assert_close(adv[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+    assert adv[4:].tolist() == [0.0, 0.0]  # all-correct group: no outcome signal
+
+
+def test_outcome_term_is_a_policy_gradient_on_the_sampled_token():
+    """The hybrid term reuses the OPD kernel with q := p * e^A, so its reward is exactly the advantage A and its
+    gradient that of -A * log p(y)."""
+    import opdcore
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 40, (5, 1), generator=g)
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    lp0 = torch.log_softmax(logits.detach(), -1).gather(1, y).squeeze(1)
+    out = opdcore.opd_topk_loss(logits, y, (lp0 + adv)[:, None], weight_mode="none")
+    torch.testing.assert_close(out.rewards.squeeze(1), adv)
+    out.loss.sum().backward()
+    x2 = logits.detach().clone().requires_grad_(True)
+    (-(adv * torch.log_softmax(x2, -1).gather(1, y).squeeze(1))).sum().backward()
+    torch.testing.assert_close(logits.grad, x2.grad)

@@ -122,6 +122,11 @@ class Trainer:
             raise ValueError(f"no training prompts left in {paths['train']} after dropping {dropped} longer than "
                              f"data.max_prompt_tokens={d.max_prompt_tokens}")
         self.dropped_prompts = dropped
+        if self.cfg.loss.outcome_weight > 0:
+            missing = [e.index for e in self.train_prompts if e.answer is None]
+            if missing:
+                raise ValueError(f"loss.outcome_weight > 0 needs a ground-truth answer for every training prompt; "
+                                 f"{len(missing)} in {paths['train']} have none (first row {missing[0]})")
         self.eval_prompts, self.eval_ids = [], []
         if paths["eval"]:
             self.eval_prompts, self.eval_ids, _ = load(paths["eval"])
@@ -196,8 +201,12 @@ class Trainer:
         lengths = {i: len(r.response_ids) for i, r in enumerate(rollouts)}
         n_tok, n_seq = dist.all_reduce([sum(lengths.values()), len(rollouts)])
         weights = S.token_weights(mbs, lengths, cfg.loss.aggregation, float(n_tok), float(n_seq), dist.world())
+        advantages = None
+        if cfg.loss.outcome_weight > 0:  # hybrid: + w * GRPO-normalised verifiable reward (METHOD.md 2.6)
+            advantages = S.grpo_advantages([r.prompt_index for r in rollouts], correct)
         with timer("update"):
-            upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params)
+            upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params,
+                           S.outcome_terms(mbs, scored, advantages))
         with timer("sync"):
             self.sync_engine()
         self.step += 1

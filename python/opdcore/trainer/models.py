@@ -84,14 +84,23 @@ class OPDModel(nn.Module):
         if mode == "score":
             return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
         if mode == "loss":  # the gradient is formed in the forward: three head matmuls instead of four
-            return opd_topk_loss_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
+            loss = opd_topk_loss_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
                                                  kw["valid"], weight_mode=kw["weight_mode"],
                                                  temperature=kw["temperature"],
                                                  log_ratio_clip=kw["log_ratio_clip"])[0]
-        if mode == "renorm_kl":
-            return (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+        elif mode == "renorm_kl":
+            loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
-        raise ValueError(f"unknown mode {mode!r}")
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        if kw.get("outcome") is not None:
+            sampled, lp_rollout, adv = kw["outcome"]
+            # -A * log p(y_t) through the same kernel: with q := p_rollout * e^A the reward -(log p - log q) is
+            # A (p equals the rollout-time p: one update per batch), weight 1, no clipping
+            loss = loss + opd_topk_loss_linear_weighted(
+                h, w, sampled, (lp_rollout + adv)[:, None], kw["token_weights"] * kw["outcome_weight"],
+                weight_mode="none", temperature=kw["temperature"])[0]
+        return loss
 
     def _from_logits(self, logits, mode, **kw):
         if mode == "score":
@@ -101,13 +110,19 @@ class OPDModel(nn.Module):
             k = kw["k"]
             return opdcore.ops.StreamResult(top.ids[:, :k], top.logprobs[:, :k], top.lse, top.entropy, tgt)
         if mode == "loss":
-            return (opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                          weight_mode=kw["weight_mode"], temperature=kw["temperature"],
-                                          log_ratio_clip=kw["log_ratio_clip"]).loss * kw["token_weights"]).sum()
-        if mode == "renorm_kl":
-            return (opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
-        raise ValueError(f"unknown mode {mode!r}")
+            per_token = opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                              weight_mode=kw["weight_mode"], temperature=kw["temperature"],
+                                              log_ratio_clip=kw["log_ratio_clip"]).loss
+        elif mode == "renorm_kl":
+            per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                               temperature=kw["temperature"])
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        if kw.get("outcome") is not None:
+            sampled, lp_rollout, adv = kw["outcome"]
+            per_token = per_token + kw["outcome_weight"] * opdcore.opd_topk_loss(
+                logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"]).loss
+        return (per_token * kw["token_weights"]).sum()
 
 
 def decoder_layers(hf_model: nn.Module):

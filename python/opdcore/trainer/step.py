@@ -75,8 +75,30 @@ def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], aggr
     return out
 
 
+def grpo_advantages(prompt_index: List[int], rewards: List[float], eps: float = 1e-6) -> torch.Tensor:
+    """Outcome advantage per rollout: the reward normalised within its prompt's group of n samples
+    (METHOD.md 2.6). A group whose rewards are all equal carries no signal: advantage 0."""
+    r = torch.tensor(rewards, dtype=torch.float32)
+    group = torch.tensor(prompt_index)
+    adv = torch.zeros_like(r)
+    for g in group.unique():
+        m = group == g
+        std = r[m].std(unbiased=False)
+        adv[m] = (r[m] - r[m].mean()) / (std + eps) if std > 0 else 0.0
+    return adv
+
+
+def outcome_terms(mbs: List[Optional[MicroBatch]], scored, advantages: Optional[torch.Tensor]):
+    """Per micro-batch (sampled ids, log p(y_t) at rollout time, advantage of each token) for the hybrid loss."""
+    if advantages is None:
+        return [None] * len(mbs)
+    return [None if mb is None else (mb.targets[:, None], sc.student_sampled_lp,
+                                     advantages.to(mb.targets.device)[mb.token_seq])
+            for mb, sc in zip(mbs, scored)]
+
+
 def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config,
-           params) -> Dict[str, float]:
+           params, outcome=None) -> Dict[str, float]:
     """Gradient accumulation over the micro-batches, grad clip, and the optimizer step (skipped when the
     gradient norm is not finite)."""
     optimizer.zero_grad(set_to_none=True)
@@ -89,7 +111,8 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
         mode_name = "renorm_kl" if cfg.loss.renorm_kl else "loss"
         loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids, teacher_logprobs=tq,
                        valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
-                       log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale)
+                       log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
+                       outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight)
         loss.backward()
         total += float(loss.detach())
     grad_norm = _clip(params, cfg.optim.grad_clip)
