@@ -56,7 +56,8 @@ def run(backend: str, args) -> dict:
     cfg = load_config(SYNTHETIC_PRESET, (f"train.steps={args.steps + 1}", f"train.output_dir={out}",
                                          "train.save_every=0", "eval.every=0", "eval.max_prompts=0",
                                          "train.progress=false", "train.tensorboard=false",
-                                         f"train.threads={args.threads}", f"loss.topk={args.topk}"))
+                                         f"train.threads={args.threads}", f"loss.topk={args.topk}",
+                                         "loss.renorm_kl=false"))  # the reward-weighted loss in both runs
     trainer = Trainer(cfg)
     if backend == "torch":
         for name in ("student", "teacher"):

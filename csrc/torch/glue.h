@@ -148,6 +148,56 @@ inline void check_backward(const at::Tensor& grad_loss, const at::Tensor& x, con
   glue::check_ids(ids, "ids", N, x);
   TORCH_CHECK(rewards.sizes() == ids.sizes() && rewards.scalar_type() == acc, "rewards must be ", acc,
               " with the shape of ids");
+  glue::check_same_device(grad_loss, "grad_loss", x, "logits");
+  glue::check_same_device(lse, "lse", x, "logits");
+  glue::check_same_device(rewards, "rewards", x, "logits");
+}
+
+// stream_update: a state (see check_state), a logits chunk for it, and the chunk's vocabulary offset.
+inline void check_stream_update(const at::Tensor& max, const at::Tensor& sumexp, const at::Tensor& ent,
+                                const at::Tensor& hv, const at::Tensor& hi, const at::Tensor& target_ids,
+                                const at::Tensor& tv, const at::Tensor& logits, int64_t vocab_offset,
+                                double temperature) {
+  check_state(max, sumexp, ent, hv, hi, tv, "state");
+  glue::check_logits(logits, "logits chunk");
+  glue::check_temperature(temperature);
+  TORCH_CHECK(logits.size(0) == max.size(0), "logits chunk has ", logits.size(0), " rows but the state has ",
+              max.size(0));
+  TORCH_CHECK(vocab_offset >= 0, "vocab_offset must be >= 0, got ", vocab_offset);
+  TORCH_CHECK(glue::acc_dtype(logits.scalar_type()) == max.scalar_type(), "logits chunk dtype ",
+              logits.scalar_type(), " does not match the state's accumulator dtype ", max.scalar_type());
+  TORCH_CHECK(target_ids.scalar_type() == at::kLong && target_ids.is_contiguous() &&
+                  target_ids.sizes() == tv.sizes(),
+              "target_ids must be contiguous int64 with the shape of target_vals");
+  glue::check_same_device(logits, "logits chunk", max, "state");
+  glue::check_same_device(target_ids, "target_ids", max, "state");
+}
+
+// opd_rewards: student / teacher log-probs [N, K] (float32 or float64) and a bool valid mask of that shape.
+inline void check_rewards_args(const at::Tensor& slp, const at::Tensor& tlp, const at::Tensor& valid, double clip) {
+  TORCH_CHECK(slp.dim() == 2, "student_logprobs must be [tokens, K], got ", slp.sizes());
+  TORCH_CHECK(slp.scalar_type() == at::kFloat || slp.scalar_type() == at::kDouble,
+              "student_logprobs must be float32 or float64, got ", slp.scalar_type());
+  TORCH_CHECK(slp.size(0) > 0, "student_logprobs has no rows (empty batch)");
+  TORCH_CHECK(tlp.sizes() == slp.sizes(), "teacher_logprobs must have the shape of student_logprobs");
+  TORCH_CHECK(valid.sizes() == slp.sizes() && valid.scalar_type() == at::kBool,
+              "valid must be bool with the shape of student_logprobs");
+  glue::check_clip(clip);
+  glue::check_same_device(tlp, "teacher_logprobs", slp, "student_logprobs");
+  glue::check_same_device(valid, "valid", slp, "student_logprobs");
+}
+
+// renorm_kl_fwd: the set logits [N, K] with teacher log-probs and a valid mask of that shape.
+inline void check_renorm_args(const at::Tensor& z, const at::Tensor& tlp, const at::Tensor& valid,
+                              double temperature) {
+  TORCH_CHECK(z.dim() == 2 && z.size(0) > 0, "set_logits must be [tokens, K] with tokens > 0, got ", z.sizes());
+  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "set_logits must be floating, got ", z.scalar_type());
+  glue::check_temperature(temperature);
+  TORCH_CHECK(tlp.sizes() == z.sizes(), "teacher_logprobs must have the shape of the set ", z.sizes());
+  TORCH_CHECK(valid.sizes() == z.sizes() && valid.scalar_type() == at::kBool, "valid must be bool with shape ",
+              z.sizes());
+  glue::check_same_device(tlp, "teacher_logprobs", z, "set_logits");
+  glue::check_same_device(valid, "valid", z, "set_logits");
 }
 
 }  // namespace glue

@@ -13,14 +13,7 @@ using at::Tensor;
 
 std::tuple<Tensor, Tensor> opd_rewards_cpu(const Tensor& slp, const Tensor& tlp, const Tensor& valid,
                                            int64_t weight_mode, double clip) {
-  TORCH_CHECK(slp.dim() == 2, "student_logprobs must be [tokens, K], got ", slp.sizes());
-  TORCH_CHECK(slp.scalar_type() == at::kFloat || slp.scalar_type() == at::kDouble,
-              "student_logprobs must be float32 or float64, got ", slp.scalar_type());
-  TORCH_CHECK(slp.size(0) > 0, "student_logprobs has no rows (empty batch)");
-  TORCH_CHECK(tlp.sizes() == slp.sizes(), "teacher_logprobs must have the shape of student_logprobs");
-  TORCH_CHECK(valid.sizes() == slp.sizes() && valid.scalar_type() == at::kBool,
-              "valid must be bool with the shape of student_logprobs");
-  glue::check_clip(clip);
+  glue::check_rewards_args(slp, tlp, valid, clip);
   const auto mode = glue::weight_mode_from(weight_mode);
   const Tensor s = slp.contiguous(), t = tlp.to(slp.scalar_type()).contiguous(), v = valid.contiguous();
   Tensor rewards = at::empty_like(s), loss = at::empty({s.size(0)}, s.options());
@@ -65,6 +58,7 @@ Tensor opd_topk_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, cons
                              const Tensor& rewards, double temperature) {
   glue::check_logits(logits, "student_logits");
   glue::check_backward(grad_loss, logits, lse, ids, rewards);
+  glue::check_temperature(temperature);
   const auto acc = glue::acc_dtype(logits.scalar_type());
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
                r = rewards.contiguous();
@@ -85,6 +79,7 @@ void opd_topk_loss_bwd_chunk_cpu(Tensor& chunk, int64_t vocab_offset, const Tens
   glue::check_logits(chunk, "chunk");
   TORCH_CHECK(chunk.stride(1) == 1, "chunk must have unit stride along the vocabulary");
   glue::check_backward(grad_loss, chunk, lse, ids, rewards);
+  glue::check_temperature(temperature);
   const auto acc = glue::acc_dtype(chunk.scalar_type());
   const Tensor g = grad_loss.to(acc).contiguous(), l = lse.contiguous(), idc = ids.contiguous(),
                r = rewards.contiguous();
@@ -99,12 +94,7 @@ void opd_topk_loss_bwd_chunk_cpu(Tensor& chunk, int64_t vocab_offset, const Tens
 
 std::tuple<Tensor, Tensor, Tensor> renorm_kl_fwd_cpu(const Tensor& z, const Tensor& tlp, const Tensor& valid,
                                                      double temperature) {
-  TORCH_CHECK(z.dim() == 2 && z.size(0) > 0, "set_logits must be [tokens, K] with tokens > 0, got ", z.sizes());
-  TORCH_CHECK(at::isFloatingType(z.scalar_type()), "set_logits must be floating, got ", z.scalar_type());
-  glue::check_temperature(temperature);
-  TORCH_CHECK(tlp.sizes() == z.sizes(), "teacher_logprobs must have the shape of the set ", z.sizes());
-  TORCH_CHECK(valid.sizes() == z.sizes() && valid.scalar_type() == at::kBool, "valid must be bool with shape ",
-              z.sizes());
+  glue::check_renorm_args(z, tlp, valid, temperature);
   const auto acc = glue::acc_dtype(z.scalar_type());
   const Tensor zc = z.to(acc).contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
   Tensor loss = at::empty({z.size(0)}, zc.options()), pbar = at::empty_like(zc), lr = at::empty_like(zc);

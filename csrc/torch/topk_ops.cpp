@@ -51,18 +51,7 @@ std::tuple<Tensor, Tensor> logprobs_at_cpu(const Tensor& logits, const Tensor& i
 
 void stream_update_cpu(Tensor& max, Tensor& sumexp, Tensor& ent, Tensor& hv, Tensor& hi, const Tensor& target_ids,
                        Tensor& tv, const Tensor& logits, int64_t vocab_offset, double temperature) {
-  glue::check_state(max, sumexp, ent, hv, hi, tv, "state");
-  glue::check_logits(logits, "logits chunk");
-  glue::check_temperature(temperature);
-  TORCH_CHECK(logits.size(0) == max.size(0), "logits chunk has ", logits.size(0), " rows but the state has ",
-              max.size(0));
-  TORCH_CHECK(vocab_offset >= 0, "vocab_offset must be >= 0, got ", vocab_offset);
-  TORCH_CHECK(glue::acc_dtype(logits.scalar_type()) == max.scalar_type(), "logits chunk dtype ",
-              logits.scalar_type(), " does not match the state's accumulator dtype ", max.scalar_type());
-  TORCH_CHECK(target_ids.scalar_type() == at::kLong && target_ids.is_contiguous() &&
-                  target_ids.sizes() == tv.sizes(),
-              "target_ids must be contiguous int64 with the shape of target_vals");
-  glue::check_same_device(logits, "logits chunk", max, "state");
+  glue::check_stream_update(max, sumexp, ent, hv, hi, target_ids, tv, logits, vocab_offset, temperature);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "stream_update", [&] {
     using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
     const auto st = glue::state_view<A>(max, sumexp, ent, hv, hi, &target_ids, tv);
