@@ -38,6 +38,7 @@ def metrics(out_dir, kind="train"):
     {"loss.strategy": "union", "loss.fused_lm_head": False, "loss.aggregation": "seq-mean-token-mean"},
     {"loss.renorm_kl": True, "loss.strategy": "intersection", "loss.outcome_weight": 0.5},
     {"loss.outcome_weight": 1.0, "loss.fused_lm_head": False},
+    {"model.dtype": "bfloat16", "model.gradient_checkpointing": True, "loss.strategy": "symmetric_difference"},
 ])
 def test_single_process_run(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM

@@ -45,7 +45,6 @@ class Trainer:
                              f"size {dist.world()}")
         torch.manual_seed(cfg.train.seed + dist.rank())
         self.out = cfg.train.output_dir
-        self.log = MetricsLogger(self.out, cfg.train.steps, 0, False, False)  # replaced after resume
         paths = self._resolve_paths()
         self._load_models(paths)
         self._load_data(paths)
@@ -79,8 +78,9 @@ class Trainer:
     def _load_models(self, paths: Dict[str, str]) -> None:
         m = self.cfg.model
         self.tokenizer = load_tokenizer(paths["tokenizer"], m.trust_remote_code)
-        teacher_tok = load_tokenizer(m.tokenizer or paths["teacher"] if m.teacher != "synthetic"
-                                     else paths["tokenizer"], m.trust_remote_code)
+        # the teacher's own tokenizer: a different vocabulary must fail here, before any training
+        teacher_tok = load_tokenizer(paths["teacher"] if m.teacher != "synthetic" else paths["tokenizer"],
+                                     m.trust_remote_code)
         student_hf = load_causal_lm(paths["student"], m.dtype, self.device, m.trust_remote_code)
         teacher_hf = load_causal_lm(paths["teacher"], m.dtype, self.device, m.trust_remote_code)
         self.vocab = vocab_limit(student_hf, teacher_hf, self.tokenizer, teacher_tok)
