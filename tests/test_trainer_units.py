@@ -138,3 +138,65 @@ def test_outcome_term_is_a_policy_gradient_on_the_sampled_token():
     x2 = logits.detach().clone().requires_grad_(True)
     (-(adv * torch.log_softmax(x2, -1).gather(1, y).squeeze(1))).sum().backward()
     torch.testing.assert_close(logits.grad, x2.grad)
+
+
+def test_micro_batches_match_the_busiest_rank(monkeypatch):
+    """Each FSDP forward is a collective: a rank with fewer micro-batches than another must run as many,
+    rebalancing its rollouts and padding with None (replayed at weight 0 by update())."""
+    from opdcore.rollout import Rollout
+    from opdcore.trainer import dist, microbatch
+
+    rollouts = [Rollout(i, [1, 5, 6], [7] * (3 + i), [-1.0] * (3 + i), True) for i in range(3)]
+    alone = microbatch.build(rollouts, max_tokens=64, device="cpu")
+    assert len(alone) == 1 and alone[0].num_tokens == 3 + 4 + 5
+    mb = alone[0]
+    # pred_index points at the position before each response token, targets are the response tokens
+    flat = mb.input_ids.reshape(-1)
+    assert torch.equal(flat[mb.pred_index + 1], mb.targets) and (mb.targets == 7).all()
+    assert torch.equal(mb.rollout_logprobs, torch.full((12,), -1.0))
+    monkeypatch.setattr(dist, "all_reduce", lambda values, op="sum": torch.tensor([5.0]))
+    busy = microbatch.build(rollouts, max_tokens=64, device="cpu")
+    assert len(busy) == 5 and sum(m is not None for m in busy) == 3
+    assert sorted(i for m in busy if m is not None for i in m.indices) == [0, 1, 2]
+
+
+def test_update_replays_a_micro_batch_at_weight_zero():
+    cfg = Config()
+    calls = []
+
+    class FakeStudent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, *args, token_weights, **kw):
+            calls.append(float(token_weights.sum()))
+            return (self.w * token_weights).sum()
+
+    student = FakeStudent()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    sched = make_scheduler(opt, "constant", 0, 10)
+    mb = _mb([1, 2], [0, 0])
+    sets = [(None, None, None, "none"), None]
+    out = S.update(student, opt, sched, [mb, None], sets, [torch.tensor([0.5, 0.5]), None], cfg,
+                   list(student.parameters()))
+    assert calls == [1.0, 0.0]  # the padded slot ran (a collective under FSDP) but contributed nothing
+    assert out["loss"] == 1.0 and out["grad_norm"] == pytest.approx(1.0)
+
+
+def test_non_finite_gradient_skips_the_step():
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, *args, token_weights, **kw):
+            return (self.w * float("inf")).sum()
+
+    student = Exploding()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    sched = make_scheduler(opt, "constant", 0, 10)
+    with pytest.warns(UserWarning, match="skipping this optimizer step"):
+        out = S.update(student, opt, sched, [_mb([1], [0])], [(None, None, None, "none")], [torch.ones(1)],
+                       Config(), list(student.parameters()))
+    assert out["step_skipped"] == 1.0 and student.w.item() == 1.0
