@@ -20,6 +20,7 @@ from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_dir: str, tokenizer, vocab_limit: int = 0, gpu_memory_utilization: float = 0.4,
                  enforce_eager: bool = True, dtype: str = "float32", seed: int = 0, max_model_len: int = 0):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the training log
         try:
             from vllm import LLM
         except ImportError as e:
