@@ -7,7 +7,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -33,9 +33,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(root: str, step: int, trainer_state: Dict[str, Any], keep: int) -> str:
-    """Rank 0 writes the shared state, every rank its RNG; the folder appears under its final name only when
-    complete. trainer_state must already hold full (unsharded) model/optimizer state on rank 0."""
+def save(root: str, step: int, trainer_state: Dict[str, Any], keep: int,
+         write_shards: Optional[Callable[[str], None]] = None) -> str:
+    """Rank 0 writes the shared state, every rank its RNG and (through write_shards, called on every rank with
+    the temporary folder) its model/optimizer shards; the folder appears under its final name only when
+    complete."""
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
     if dist.is_main():
@@ -43,6 +45,8 @@ def save(root: str, step: int, trainer_state: Dict[str, Any], keep: int) -> str:
         os.makedirs(tmp)
     dist.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{dist.rank()}.pt"))
+    if write_shards is not None:
+        write_shards(tmp)
     if dist.is_main():
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
     dist.barrier()

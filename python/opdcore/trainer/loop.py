@@ -136,20 +136,25 @@ class Trainer:
     # ---- checkpoint / resume -------------------------------------------------------------------------------------
 
     def _state(self) -> Dict:
-        if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                 "config": to_dict(self.cfg)}
+        if not self.sharded:  # one process: the model and optimizer go into trainer.pt too
+            state.update(model=self.student.state_dict(), optimizer=self.optimizer.state_dict())
+        return state
 
-            model_sd, optim_sd = get_state_dict(self.student, self.optimizer,
-                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            model_sd, optim_sd = self.student.state_dict(), self.optimizer.state_dict()
-        return {"step": self.step, "model": model_sd, "optimizer": optim_sd,
-                "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                "config": to_dict(self.cfg)}
+    def _write_shards(self, folder: str) -> None:
+        """Under FSDP every rank writes its own shards (torch.distributed.checkpoint): no rank ever holds the
+        whole model and optimizer, and the checkpoint loads back at the same world size."""
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
 
     def save(self) -> str:
         return checkpoint.save(os.path.join(self.out, "checkpoints"), self.step, self._state(),
-                               self.cfg.train.keep_checkpoints)
+                               self.cfg.train.keep_checkpoints, write_shards=self._write_shards)
 
     def _maybe_resume(self) -> None:
         mode = self.cfg.train.resume
@@ -159,11 +164,14 @@ class Trainer:
             return
         state = checkpoint.load(path)
         if self.sharded:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-            set_state_dict(self.student, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
+            shards = {"model": model_sd, "optimizer": optim_sd}
+            dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
+            set_state_dict(self.student, self.optimizer, model_state_dict=shards["model"],
+                           optim_state_dict=shards["optimizer"])
         else:
             self.student.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
