@@ -49,6 +49,9 @@ def test_single_process_run(tiny, tmp_path, extra):
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(m["loss"])) and m["grad_norm"] > 0 for m in rows)
+    if extra.get("loss.topk", 8):
+        assert all(0 < m["student_topk_mass"] <= 1 + 1e-5 and 0 < m["teacher_mass_on_student_topk"] <= 1 + 1e-5
+                   for m in rows)
     assert os.path.isdir(out / "checkpoints" / "step_00000002")
     before = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()

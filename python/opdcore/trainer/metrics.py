@@ -53,6 +53,10 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         add("set_size", st[2].sum(), n)
         if sc.student_ids is not None:
             add("overlap_ratio", _overlap(sc.student_ids, sc.teacher_ids).sum(), n)
+            # how much probability the student's top-k holds under each model: the reward-weighted top-k loss
+            # only sees this mass, and leaks the rest when it is far from 1
+            add("student_topk_mass", sc.student_logprobs.logsumexp(-1).exp().sum(), n)
+            add("teacher_mass_on_student_topk", sc.teacher_on_student_lp.logsumexp(-1).exp().sum(), n)
     names = sorted(sums)
     reduced = dist.all_reduce([v for k in names for v in sums[k]] + [upd["loss"]])
     out = {k: float(reduced[2 * i] / reduced[2 * i + 1]) if reduced[2 * i + 1] > 0 else float("nan")
