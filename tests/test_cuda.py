@@ -1,36 +1,33 @@
 """CUDA kernels against the CPU kernels (and python/opdcore/reference.py) on fresh random inputs.
 
-Every test here is marked `cuda` and skips unless a GPU is visible and opdcore was built with its CUDA kernels
-(build_info()['cuda_compiled']). Top-k ids must match the CPU exactly (the scaled logits are computed with the
-same IEEE rounding, and ties go to the lower id on both); log-probs, log-sum-exp, entropy and gradients match to
-floating-point tolerance (the GPU's exp differs from the CPU polynomial by a few ulp). Error paths must raise the
-CPU's exact message, which names the first bad row.
+The device under test (tests/cuda_backend.py): the GPU when one is visible (tests marked `cuda`; they skip unless
+opdcore was built with its CUDA kernels), else the same kernels and glue in the CPU emulator of csrc/cuda_emu.
+Top-k ids must match the CPU exactly (the scaled logits are computed with the same IEEE rounding, and ties go to
+the lower id on both); log-probs, log-sum-exp, entropy and gradients match to floating-point tolerance (the GPU's
+exp differs from the CPU polynomial by a few ulp). Error paths must raise the CPU's exact message, which names the
+first bad row.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
 
 import pytest
 import torch
 
-import opdcore
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
 from opdcore.ops import renorm_topk_kl
 from opdcore.ops.loss import WEIGHT_MODES
 
-# OPDCORE_CUDA_TEST_DEVICE=cpu runs every test CPU against CPU: a self-check of this file's mechanics on a
-# machine without a GPU (it proves nothing about the CUDA kernels).
-DEV = os.environ.get("OPDCORE_CUDA_TEST_DEVICE", "cuda")
-_HAVE_CUDA = torch.cuda.is_available() and bool(opdcore.build_info()["cuda_compiled"])
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEV == "cuda" and not _HAVE_CUDA, reason="needs an NVIDIA GPU and opdcore built with CUDA kernels"),
-]
+from cuda_backend import DEV, MODE, device_ops, on_dev, ops, to_dev
+import cuda_backend
+
+pytestmark = [pytest.mark.skipif(not cuda_backend.AVAILABLE, reason="needs opdcore built with CUDA kernels")]
+if MODE == "cuda":
+    pytestmark.append(pytest.mark.cuda)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-_ops = torch.ops.opdcore
 
 
 def _tol(dtype):
@@ -57,8 +54,8 @@ def make_logits(n, v, dtype, *, seed=0, neg_inf_frac=0.05, ties=True, scale=3.0)
 
 
 def both(fn, *tensors):
-    """fn on CUDA copies and on CPU copies of the tensors."""
-    return fn(*[t.to(DEV) for t in tensors]), fn(*[t.cpu() for t in tensors])
+    """fn on the device under test and on the CPU, each on its own copies of the tensors."""
+    return on_dev(fn, *[to_dev(t) for t in tensors]), fn(*[t.clone() for t in tensors])
 
 
 # ---- topk_logprobs / logprobs_at ------------------------------------------------------------------------------
@@ -96,15 +93,15 @@ def test_topk_split_rows(dtype, k):
 def test_topk_noncontiguous(dtype, layout):
     base = make_logits(12, 1203, dtype, seed=3)
     if layout == "row_offset":  # every row starts 1 element past a 16-byte boundary
-        x = torch.cat([base[:, :1], base], 1).to(DEV)[:, 1:]
+        x = to_dev(torch.cat([base[:, :1], base], 1))[:, 1:]
     elif layout == "padded_rows":
-        x = torch.cat([base, base[:, :5]], 1).to(DEV)[:, :1203]
+        x = to_dev(torch.cat([base, base[:, :5]], 1))[:, :1203]
     elif layout == "col_strided":
-        x = base.t().contiguous().to(DEV).t()
+        x = to_dev(base.t().contiguous()).t()
     else:
-        x = base.to(DEV)[::3]
+        x = to_dev(base)[::3]
         base = base[::3]
-    g = topk_logprobs(x, 16, 0.9)
+    g = on_dev(topk_logprobs, x, 16, 0.9)
     c = topk_logprobs(base.cpu().contiguous(), 16, 0.9)
     assert torch.equal(g.ids.cpu(), c.ids)
     _close(g.logprobs, c.logprobs, dtype, "logprobs")
@@ -146,10 +143,10 @@ def test_logprobs_at(dtype, n, v, m):
 
 def _stream(x, k, tids, chunks, device, temperature=1.0, order=None):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    st = StreamState(x.shape[0], k, tids.to(device), dtype=acc, device=device, temperature=temperature)
+    st = StreamState(x.shape[0], k, tids.to(device, copy=True), dtype=acc, device=device, temperature=temperature)
     bounds = list(zip(chunks[:-1], chunks[1:]))
     for lo, hi in (bounds if order is None else [bounds[i] for i in order]):
-        st.update(x[:, lo:hi].to(device), lo)
+        st.update(x[:, lo:hi].to(device, copy=True), lo)
     return st
 
 
@@ -161,7 +158,7 @@ def test_stream_chunks_match_cpu(dtype, k):
     tids = torch.randint(0, v, (n, 6))
     chunks = [0, 1, 1000, 1001, 2049, 4096, v]
     order = [3, 0, 5, 1, 4, 2]  # any order
-    g = _stream(x, k, tids, chunks, DEV, 0.8, order).finalize()
+    g = on_dev(lambda: _stream(x, k, tids, chunks, DEV, 0.8, order).finalize())
     c = _stream(x, k, tids, chunks, "cpu", 0.8, order).finalize()
     assert torch.equal(g.ids.cpu(), c.ids)
     _close(g.logprobs, c.logprobs, dtype, "logprobs")
@@ -176,7 +173,7 @@ def test_stream_state_interop_and_merge(k):
     n, v = 6, 3000
     x = make_logits(n, v, torch.float32, seed=11)
     tids = torch.randint(0, v, (n, 4))
-    a_gpu = _stream(x, k, tids, [0, 1500], DEV)
+    a_gpu = on_dev(_stream, x, k, tids, [0, 1500], DEV)
     a_cpu = StreamState(n, k, tids, dtype=torch.float32)
     for name in ("max", "sumexp", "ent", "heap_vals", "heap_ids", "target_vals"):
         getattr(a_cpu, name).copy_(getattr(a_gpu, name).cpu())
@@ -185,8 +182,8 @@ def test_stream_state_interop_and_merge(k):
     r = a_cpu.finalize()
     assert torch.equal(r.ids, c.ids)
     # merge of two CUDA states over disjoint ranges
-    b_gpu = _stream(x, k, tids, [1500, v], DEV)
-    m = a_gpu.merge(b_gpu).finalize()
+    b_gpu = on_dev(_stream, x, k, tids, [1500, v], DEV)
+    m = on_dev(lambda: a_gpu.merge(b_gpu).finalize())
     assert torch.equal(m.ids.cpu(), c.ids)
     _close(m.lse, c.lse, torch.float32, "merged lse")
     _close(m.entropy, c.entropy, torch.float32, "merged entropy", atol=1e-4)
@@ -197,7 +194,7 @@ def test_stream_state_interop_and_merge(k):
 def test_stream_split_rows(dtype):
     x = make_logits(2, 70_000, dtype, seed=5)
     tids = torch.randint(0, 70_000, (2, 3))
-    g = _stream(x, 16, tids, [0, 33_333, 70_000], DEV).finalize()
+    g = on_dev(lambda: _stream(x, 16, tids, [0, 33_333, 70_000], DEV).finalize())
     c = _stream(x, 16, tids, [0, 33_333, 70_000], "cpu").finalize()
     assert torch.equal(g.ids.cpu(), c.ids)
     _close(g.lse, c.lse, dtype, "lse")
@@ -210,7 +207,7 @@ def test_linear_topk(dtype):
     h = torch.randn(33, 64, generator=g, dtype=torch.float64).to(dtype)
     w = torch.randn(1001, 64, generator=g, dtype=torch.float64).to(dtype)
     ids = torch.randint(0, 1001, (33, 3))
-    rg = linear_topk(h.to(DEV), w.to(DEV), 16, 1.0, chunk_size=300, ids=ids.to(DEV))
+    rg = on_dev(linear_topk, to_dev(h), to_dev(w), 16, 1.0, chunk_size=300, ids=to_dev(ids))
     rc = linear_topk(h, w, 16, 1.0, chunk_size=300, ids=ids)
     # the matmul differs between devices, so values may differ in the last bits: compare values, and ids where
     # the top-k values are well separated
@@ -225,9 +222,9 @@ def test_linear_topk(dtype):
 
 def _same_error(fn, *tensors):
     msgs = []
-    for dev in (DEV, "cpu"):
-        with pytest.raises(RuntimeError) as e:
-            fn(*[t.to(dev) for t in tensors])
+    for on_device in (True, False):
+        with pytest.raises(RuntimeError) as e, (device_ops() if on_device else contextlib.nullcontext()):
+            fn(*[to_dev(t) if on_device else t.clone() for t in tensors])
         msgs.append(str(e.value).splitlines()[0])
     assert msgs[0] == msgs[1], msgs
 
@@ -268,21 +265,21 @@ def test_stream_errors_match_cpu():
 def test_stream_update_nonfinite_names_row():
     x = make_logits(3, 200, torch.float32, seed=3)
     st = StreamState(3, 4, dtype=torch.float32, device=DEV)
-    st.update(x[:, :100].to(DEV), 0)
+    on_dev(st.update, to_dev(x[:, :100]), 0)
     bad = x[:, 100:].clone()
     bad[1, 5] = float("nan")
-    with pytest.raises(RuntimeError, match=r"NaN or \+inf \(row 1\)"):
-        st.update(bad.to(DEV), 100)
+    with pytest.raises(RuntimeError, match=r"NaN or \+inf \(row 1\)"), device_ops():
+        st.update(to_dev(bad), 100)
 
 
 def test_cuda_errors_name_arguments():
     x = torch.randn(4, 50, device=DEV)
-    with pytest.raises(RuntimeError, match="k must be in"):
+    with pytest.raises(RuntimeError, match="k must be in"), device_ops():
         topk_logprobs(x, 51)
     if DEV == "cuda":
         with pytest.raises(RuntimeError, match="is on"):
             logprobs_at(x, torch.zeros(4, 1, dtype=torch.long))  # ids left on the CPU
-    with pytest.raises(RuntimeError, match="temperature"):
+    with pytest.raises(RuntimeError, match="temperature"), device_ops():
         topk_logprobs(x, 3, 0.0)
 
 
@@ -316,14 +313,14 @@ def test_loss_forward_backward(dtype, mode, clip):
         valid[2, 1] = True
 
     def run(device):
-        xs = x.to(device).requires_grad_(True)
+        xs = x.to(device, copy=True).requires_grad_(True)
         out = opd_topk_loss(xs, ids.to(device), tq.to(device), valid.to(device), weight_mode=mode,
                             temperature=0.9, log_ratio_clip=clip)
         w = torch.linspace(0.5, 1.5, n, dtype=out.loss.dtype, device=device)
         (out.loss * w).sum().backward()
         return out, xs.grad
 
-    (og, gg), (oc, gc) = run(DEV), run("cpu")
+    (og, gg), (oc, gc) = on_dev(run, DEV), run("cpu")
     _close(og.loss, oc.loss, dtype, "loss", rtol=1e-4, atol=1e-5)
     _close(og.rewards, oc.rewards, dtype, "rewards", rtol=1e-4, atol=1e-5)
     _close(og.student_logprobs, oc.student_logprobs, dtype, "student_logprobs")
@@ -356,12 +353,14 @@ def test_loss_backward_chunk_inplace(dtype):
     g = torch.rand(n, dtype=out.lse.dtype)
     for off, width in [(0, 333), (333, 1), (334, 663)]:
         res = []
-        for dev in (DEV, "cpu"):
+        for on_device in (True, False):
+            dev = DEV if on_device else "cpu"
             work = torch.empty(n, 672, dtype=dtype, device=dev)  # padded rows, like iter_head_chunks
             chunk = work[:, :width]
             chunk.copy_(x[:, off:off + width].to(dev))
-            _ops.opd_topk_loss_bwd_chunk_(chunk, off, g.to(dev), out.lse.to(dev), ids.to(dev), out.rewards.to(dev),
-                                          1.0)
+            with device_ops() if on_device else contextlib.nullcontext():
+                ops().opd_topk_loss_bwd_chunk_(chunk, off, g.to(dev), out.lse.to(dev), ids.to(dev),
+                                               out.rewards.to(dev), 1.0)
             res.append(chunk.float().cpu())
         _close(res[0], res[1], dtype, f"chunk {off}", rtol=1e-4 if dtype != torch.bfloat16 else 1.6e-2,
                atol=1e-6 if dtype != torch.bfloat16 else 1e-4)
@@ -377,13 +376,13 @@ def test_loss_linear_gradients(dtype, mode):
     ids, tq, valid = make_set(n, v, K, seed=6)
 
     def run(device):
-        hs, ws = h.to(device).requires_grad_(True), w.to(device).requires_grad_(True)
+        hs, ws = h.to(device, copy=True).requires_grad_(True), w.to(device, copy=True).requires_grad_(True)
         out = opd_topk_loss_linear(hs, ws, ids.to(device), tq.to(device), valid.to(device), weight_mode=mode,
                                    chunk_size=257)
         out.loss.sum().backward()
         return out.loss, hs.grad, ws.grad
 
-    (lg, hg, wg), (lc, hc, wc) = run(DEV), run("cpu")
+    (lg, hg, wg), (lc, hc, wc) = on_dev(run, DEV), run("cpu")
     tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else (
         dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2))
     _close(lg.float(), lc.float(), dtype, "loss", **tol)
@@ -401,7 +400,7 @@ def test_opd_rewards(acc, mode):
     valid = torch.rand(n, K, generator=gen) > 0.3
     valid[5] = False  # an empty set
     for clip in (0.0, 2.0):
-        (rg, lg), (rc, lc) = both(lambda s, t, v: _ops.opd_rewards(s, t, v, mode, clip), slp, tlp, valid)
+        (rg, lg), (rc, lc) = both(lambda s, t, v: ops().opd_rewards(s, t, v, mode, clip), slp, tlp, valid)
         _close(rg, rc, acc, "rewards", rtol=1e-5 if acc == torch.float32 else 1e-12)
         _close(lg, lc, acc, "loss", rtol=1e-5 if acc == torch.float32 else 1e-12)
     bad = slp.clone()
@@ -411,7 +410,7 @@ def test_opd_rewards(acc, mode):
     badt = tlp.clone()
     badt[3, 0] = float("nan")
     valid2[3, 0] = True
-    _same_error(lambda s, t, v: _ops.opd_rewards(s, t, v, mode, 0.0), bad, badt, valid2)
+    _same_error(lambda s, t, v: ops().opd_rewards(s, t, v, mode, 0.0), bad, badt, valid2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -422,12 +421,12 @@ def test_renorm_kl(dtype):
     valid[4] = False  # empty set: loss 0
 
     def run(device):
-        xs = x.to(device).requires_grad_(True)
+        xs = x.to(device, copy=True).requires_grad_(True)
         loss = renorm_topk_kl(xs, ids.to(device), tq.to(device), valid.to(device), temperature=1.2)
         loss.sum().backward()
         return loss, xs.grad
 
-    (lg, gg), (lc, gc) = run(DEV), run("cpu")
+    (lg, gg), (lc, gc) = on_dev(run, DEV), run("cpu")
     _close(lg, lc, dtype, "loss", rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-6)
     _close(gg.float(), gc.float(), dtype, "grad", rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5)
     badq = tq.clone()
@@ -435,7 +434,7 @@ def test_renorm_kl(dtype):
     _same_error(lambda t, i, q, m: renorm_topk_kl(t, i, q, m), x, ids, badq, valid)
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs")
+@pytest.mark.skipif(MODE != "cuda", reason="CUDA graphs")
 def test_ops_under_no_sync_capture():
     """Inside CUDA graph capture the glue skips the status check (no host sync): the op must still capture."""
     x = torch.randn(64, 4096, device=DEV)

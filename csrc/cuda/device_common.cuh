@@ -17,6 +17,14 @@ namespace opdcore {
 namespace cuda {
 namespace dev {
 
+// Dynamic shared memory. Under OPDCORE_CUDA_EMU (csrc/cuda_emu: these sources compiled as C++ and run on the
+// CPU) the emulator hands out the block's buffer.
+#ifdef OPDCORE_CUDA_EMU
+#define OPDCORE_DYNAMIC_SMEM(name) unsigned char* name = ::opdcore_emu::dynamic_smem()
+#else
+#define OPDCORE_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;  // every kernel here runs 256-thread blocks (8 warps)
 constexpr int kWarps = kThreads / 32;

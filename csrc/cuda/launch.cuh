@@ -9,6 +9,14 @@
 #include "opdcore/cuda_kernels.h"
 #include "row_stream.cuh"
 
+// A kernel launch: OPDCORE_LAUNCH(grid, block, smem, stream, kernel)(args...). The triple-chevron syntax under
+// nvcc; the emulator's launcher when these sources are compiled as C++ (OPDCORE_CUDA_EMU, csrc/cuda_emu).
+#ifdef OPDCORE_CUDA_EMU
+#define OPDCORE_LAUNCH(grid, block, smem, stream, ...) ::opdcore_emu::launch(__VA_ARGS__, grid, block, smem, stream)
+#else
+#define OPDCORE_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
+
 namespace opdcore {
 namespace cuda {
 namespace host {
@@ -97,11 +105,11 @@ inline void launch_rows(const T* logits, int64_t rows, const dev::RowArgs<acc_t<
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(a.splits));
   const dim3 block(dev::kThreads);
   if (!kTopK || a.k == 0) {
-    if (entropy) dev::row_stream_kernel<T, A, 0, true><<<grid, block, 0, stream>>>(logits, a);
-    else dev::row_stream_kernel<T, A, 0, false><<<grid, block, 0, stream>>>(logits, a);
+    if (entropy) OPDCORE_LAUNCH(grid, block, 0, stream, dev::row_stream_kernel<T, A, 0, true>)(logits, a);
+    else OPDCORE_LAUNCH(grid, block, 0, stream, dev::row_stream_kernel<T, A, 0, false>)(logits, a);
   } else if constexpr (kTopK) {
-    if (a.k <= 64) dev::row_stream_kernel<T, A, 128, true><<<grid, block, 0, stream>>>(logits, a);
-    else dev::row_stream_kernel<T, A, 256, true><<<grid, block, 0, stream>>>(logits, a);
+    if (a.k <= 64) OPDCORE_LAUNCH(grid, block, 0, stream, dev::row_stream_kernel<T, A, 128, true>)(logits, a);
+    else OPDCORE_LAUNCH(grid, block, 0, stream, dev::row_stream_kernel<T, A, 256, true>)(logits, a);
   }
 }
 
@@ -111,7 +119,7 @@ inline void launch_combine(int64_t rows, const dev::CombineArgs<A>& c, cudaStrea
   size_t smem = 0;
   if (c.k > 0 && c.sort_topk)
     smem = size_t(dev::next_pow2(int(c.has_a) + c.parts)) * size_t(dev::next_pow2(c.k)) * sizeof(dev::GKey<A>);
-  dev::combine_kernel<A><<<static_cast<unsigned>(rows), dev::kThreads, smem, stream>>>(c);
+  OPDCORE_LAUNCH(static_cast<unsigned>(rows), dev::kThreads, smem, stream, dev::combine_kernel<A>)(c);
 }
 
 }  // namespace host

@@ -189,8 +189,8 @@ Status opd_rewards(int64_t rows, int64_t K, const A* student_lp, const A* teache
   if (rows <= 0) return Status{};
   cudaError_t e = host::begin(L);
   if (e != cudaSuccess) return host::cuda_error(e);
-  dev::rewards_kernel<A><<<grid_for(rows, L), dev::kThreads, 0, L.stream>>>(rows, K, student_lp, teacher_lp, valid, mode,
-                                                                             A(clip), rewards, loss, L.status);
+  OPDCORE_LAUNCH(grid_for(rows, L), dev::kThreads, 0, L.stream, dev::rewards_kernel<A>)(
+      rows, K, student_lp, teacher_lp, valid, mode, A(clip), rewards, loss, L.status);
   return host::finish(L);
 }
 
@@ -272,7 +272,7 @@ Status opd_topk_loss_backward(const T* logits, int64_t rows, int64_t n, int64_t 
   const int64_t blocks_y = (n + b.cols_per_block - 1) / b.cols_per_block;
   if (blocks_y > 65535) return host::cuda_error(cudaErrorInvalidValue);
   const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(blocks_y));
-  dev::loss_backward_kernel<T, A><<<grid, dev::kThreads, 0, L.stream>>>(logits, grad, b);
+  OPDCORE_LAUNCH(grid, dev::kThreads, 0, L.stream, dev::loss_backward_kernel<T, A>)(logits, grad, b);
   return host::finish(L, /*read_status=*/false);
 }
 
@@ -282,7 +282,7 @@ Status renorm_kl_forward(int64_t rows, int64_t K, const A* set_logits, const A* 
   if (rows <= 0) return Status{};
   cudaError_t e = host::begin(L);
   if (e != cudaSuccess) return host::cuda_error(e);
-  dev::renorm_kl_fwd_kernel<A><<<grid_for(rows, L), dev::kThreads, 0, L.stream>>>(
+  OPDCORE_LAUNCH(grid_for(rows, L), dev::kThreads, 0, L.stream, dev::renorm_kl_fwd_kernel<A>)(
       rows, K, set_logits, teacher_lp, valid, A(1.0 / temperature), loss, pbar, log_ratio, L.status);
   return host::finish(L);
 }
@@ -291,7 +291,7 @@ template <typename A>
 Status renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_ratio, const A* loss,
                           const A* grad_loss, double temperature, A* grad_set_logits, const Launch& L) {
   if (rows <= 0 || K <= 0) return Status{};
-  dev::renorm_kl_bwd_kernel<A><<<grid_for(rows * K, L), dev::kThreads, 0, L.stream>>>(
+  OPDCORE_LAUNCH(grid_for(rows * K, L), dev::kThreads, 0, L.stream, dev::renorm_kl_bwd_kernel<A>)(
       rows, K, pbar, log_ratio, loss, grad_loss, A(1.0 / temperature), grad_set_logits);
   return host::finish(L, /*read_status=*/false);
 }

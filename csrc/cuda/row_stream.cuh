@@ -377,7 +377,7 @@ struct CombineArgs {
 
 template <typename A>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> c) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  OPDCORE_DYNAMIC_SMEM(smem);
   GKey<A>* pool = reinterpret_cast<GKey<A>*>(smem);
   __shared__ A mst[3];
   __shared__ int skip;

@@ -2,7 +2,13 @@
 // (CPU) and csrc/torch/cuda/ (CUDA); the Python layer adds fake kernels and autograd.
 #include <torch/library.h>
 
-TORCH_LIBRARY(opdcore, m) {
+// The CUDA emulator's build (scripts/build_cuda_emu.sh) registers the same schemas as opdcore_emu.
+#ifndef OPDCORE_LIBRARY
+#define OPDCORE_LIBRARY opdcore
+#endif
+#define OPDCORE_DEFINE_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+
+OPDCORE_DEFINE_LIBRARY(OPDCORE_LIBRARY, m) {
   // Streaming top-k over full rows.
   m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor ids, Tensor logprobs, Tensor lse, Tensor entropy)");
   m.def("logprobs_at(Tensor logits, Tensor ids, float temperature=1.0) -> (Tensor logprobs, Tensor lse)");

@@ -1,15 +1,28 @@
 // Helpers of the CUDA ATen glue: device guard + current stream + status word + workspace for one op call, and
 // the error text for a CUDA runtime failure. Uses c10/cuda headers only (ATen/cuda/CUDAContext.h would pull in
 // the cuBLAS/cuSPARSE headers, which a plain CUDA toolkit or a CPU build of torch may lack).
+//
+// Under OPDCORE_CUDA_EMU (scripts/build_cuda_emu.sh) the same glue runs the kernels in the CPU emulator of
+// csrc/cuda_emu: host tensors stand in for device memory and the ops register as torch.ops.opdcore_emu.* on
+// the CPU key, so tests/test_cuda.py can check glue + kernels against the CPU ops without a GPU.
 #pragma once
 #include <ATen/ATen.h>
+#ifndef OPDCORE_CUDA_EMU
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <cuda_runtime_api.h>
 
 #include "glue.h"
 #include "opdcore/cuda_kernels.h"
+
+// Where the CUDA glue registers its kernels.
+#ifdef OPDCORE_CUDA_EMU
+#define OPDCORE_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(opdcore_emu, CPU, m)
+#else
+#define OPDCORE_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(opdcore, CUDA, m)
+#endif
 
 namespace opdcore {
 namespace glue {
@@ -17,16 +30,24 @@ namespace glue {
 // Everything one kernel call needs. Construct it after the argument checks, before allocating outputs (the
 // guard makes ref's device current, so outputs allocated after it land there too).
 struct CudaCall {
+#ifndef OPDCORE_CUDA_EMU
   c10::cuda::CUDAGuard guard;
+#endif
   at::Tensor status, workspace;
   cuda::Launch launch;
 
+#ifdef OPDCORE_CUDA_EMU
+  CudaCall(const at::Tensor& ref, size_t workspace_bytes = 0) {
+    const bool capturing = false;
+#else
   CudaCall(const at::Tensor& ref, size_t workspace_bytes = 0) : guard(ref.device()) {
     TORCH_CHECK(ref.is_cuda(), "expected a CUDA tensor");
     launch.stream = c10::cuda::getCurrentCUDAStream(ref.device().index()).stream();
-    launch.num_sms = cuda::device_sm_count();
     // While a CUDA graph is captured no host sync is allowed: skip the status check (and its sync) then.
-    if (c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None) {
+    const bool capturing = c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+#endif
+    launch.num_sms = cuda::device_sm_count();
+    if (!capturing) {
       status = at::empty({1}, ref.options().dtype(at::kLong));
       launch.status = reinterpret_cast<unsigned long long*>(status.mutable_data_ptr<int64_t>());
     }
@@ -51,11 +72,6 @@ inline void raise_cuda_status(const Status& st, const char* logits_name, const c
 inline void check_cuda_columns(int64_t n, int64_t vocab_offset, const char* name) {
   TORCH_CHECK(vocab_offset + n <= cuda::kMaxColumns, name, ": vocabulary ids up to ", cuda::kMaxColumns,
               " are supported on CUDA, got ", vocab_offset + n, " columns");
-}
-
-// Rows that are not all on one CUDA device would be read through the wrong pointers.
-inline void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
 }
 
 // Top k of (value, id) pairs per row, best first in the CPU order (value descending, ties to the lower id):

@@ -146,7 +146,7 @@ Tensor renorm_kl_bwd_cuda(const Tensor& grad_loss, const Tensor& pbar, const Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(opdcore, CUDA, m) {
+OPDCORE_CUDA_LIBRARY_IMPL(m) {
   m.impl("opd_rewards", &opd_rewards_cuda);
   m.impl("opd_topk_loss_fwd", &opd_topk_loss_fwd_cuda);
   m.impl("opd_topk_loss_bwd", &opd_topk_loss_bwd_cuda);

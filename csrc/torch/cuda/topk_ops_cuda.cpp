@@ -152,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stream_finalize_cuda(const Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(opdcore, CUDA, m) {
+OPDCORE_CUDA_LIBRARY_IMPL(m) {
   m.impl("topk_logprobs", &topk_logprobs_cuda);
   m.impl("logprobs_at", &logprobs_at_cuda);
   m.impl("stream_update", &stream_update_cuda);

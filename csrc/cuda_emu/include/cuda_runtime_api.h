@@ -1,0 +1,3 @@
+// Emulator stand-in for CUDA's cuda_runtime_api.h (see csrc/cuda_emu/emu.h).
+#pragma once
+#include "../emu.h"
