@@ -14,6 +14,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
@@ -459,3 +461,88 @@ def test_combinations_smoke():
         g, c = both(lambda t: topk_logprobs(t, k), x)
         assert torch.equal(g.ids.cpu(), c.ids), (dtype, v, k)
         _close(g.lse, c.lse, dtype, f"lse {dtype} {v}")
+
+
+# ---- property tests: random shapes, dtypes, layouts, -inf, ties (device against CPU) ----------------------------
+
+# Row lengths around the vector width and block size, and long rows that take the split-row path (few rows).
+_widths = st.one_of(st.integers(1, 300), st.integers(300, 5000), st.integers(16_384, 40_000))
+
+
+def _layout(x, layout):
+    """x on the device side in a given memory layout (the same values)."""
+    if layout == "offset":  # rows start off the 16-byte boundary
+        return to_dev(torch.cat([x[:, :1], x], 1))[:, 1:]
+    if layout == "col_strided":
+        return to_dev(x.t().contiguous()).t()
+    return to_dev(x)
+
+
+@given(n=st.integers(1, 6), v=_widths, k=st.integers(0, 130), dtype=st.sampled_from(DTYPES),
+       temperature=st.sampled_from([1.0, 0.6, 2.5]), layout=st.sampled_from(["contig", "offset", "col_strided"]),
+       neg_inf=st.sampled_from([0.0, 0.3]), ties=st.booleans(), m=st.integers(0, 4), seed=st.integers(0, 2**31))
+def test_property_topk_and_targets(n, v, k, dtype, temperature, layout, neg_inf, ties, m, seed):
+    assume(layout != "col_strided" or v <= 5000)
+    k = min(max(k, 1), v)
+    x = make_logits(n, v, dtype, seed=seed, neg_inf_frac=neg_inf, ties=ties)
+    xd = _layout(x, layout)
+    g, c = on_dev(topk_logprobs, xd, k, temperature), topk_logprobs(x, k, temperature)
+    assert torch.equal(g.ids.cpu(), c.ids), "top-k ids differ from the CPU"
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.entropy, c.entropy, dtype, "entropy", atol=1e-4 if dtype != torch.float64 else 1e-10)
+    if m:
+        ids = torch.randint(0, v, (n, m), generator=torch.Generator().manual_seed(seed))
+        (glp, glse), (clp, clse) = on_dev(logprobs_at, xd, to_dev(ids), temperature), logprobs_at(x, ids, temperature)
+        _close(glp, clp, dtype, "logprobs_at")
+
+
+@given(n=st.integers(1, 5), v=st.one_of(st.integers(2, 3000), st.integers(16_384, 30_000)), k=st.integers(0, 140),
+       n_chunks=st.integers(1, 6), dtype=st.sampled_from(DTYPES), m=st.integers(0, 4), seed=st.integers(0, 2**31))
+def test_property_stream_chunks(n, v, k, n_chunks, dtype, m, seed):
+    """Random chunk boundaries fed in a random order, half of them merged in from a second state."""
+    k = min(k, v)
+    gen = torch.Generator().manual_seed(seed)
+    x = make_logits(n, v, dtype, seed=seed)
+    tids = torch.randint(0, v, (n, m), generator=gen)
+    cuts = sorted(set([0, v] + torch.randint(0, v + 1, (n_chunks - 1,), generator=gen).tolist()))
+    order = torch.randperm(len(cuts) - 1, generator=gen).tolist()
+
+    def run(device):
+        half = max(1, len(order) // 2)
+        a = _stream(x, k, tids, cuts, device, 0.9, order[:half])
+        if len(order) > half:
+            a.merge(_stream(x, k, tids, cuts, device, 0.9, order[half:]))
+        return a.finalize()
+
+    g, c = on_dev(run, DEV), run("cpu")
+    assert torch.equal(g.ids.cpu(), c.ids)
+    _close(g.logprobs, c.logprobs, dtype, "logprobs")
+    _close(g.lse, c.lse, dtype, "lse")
+    _close(g.entropy, c.entropy, dtype, "entropy", atol=1e-4 if dtype != torch.float64 else 1e-10)
+    _close(g.target_logprobs, c.target_logprobs, dtype, "target_logprobs")
+
+
+@given(n=st.integers(1, 6), v=st.one_of(st.integers(4, 2000), st.integers(16_384, 25_000)), K=st.integers(1, 20),
+       dtype=st.sampled_from(DTYPES), mode=st.sampled_from(WEIGHT_MODES), clip=st.sampled_from([0.0, 3.0]),
+       temperature=st.sampled_from([1.0, 0.8]), seed=st.integers(0, 2**31))
+def test_property_loss(n, v, K, dtype, mode, clip, temperature, seed):
+    K = min(K, v)
+    x = make_logits(n, v, dtype, seed=seed, neg_inf_frac=0.02)
+    ids, tq, valid = make_set(n, v, K, seed=seed, dup=K > 2)
+    x = x.scatter(1, ids, torch.randn(n, K, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(dtype))
+
+    def run(device):
+        xs = x.to(device, copy=True).requires_grad_(True)
+        out = opd_topk_loss(xs, ids.to(device), tq.to(device), valid.to(device), weight_mode=mode,
+                            temperature=temperature, log_ratio_clip=clip)
+        out.loss.sum().backward()
+        return out, xs.grad
+
+    (og, gg), (oc, gc) = on_dev(run, DEV), run("cpu")
+    _close(og.loss, oc.loss, dtype, "loss", rtol=1e-4, atol=1e-5)
+    _close(og.rewards, oc.rewards, dtype, "rewards", rtol=1e-4, atol=1e-5)
+    _close(og.student_logprobs, oc.student_logprobs, dtype, "student_logprobs")
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
+        dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4))
+    _close(gg.float(), gc.float(), dtype, "grad", **tol)
