@@ -16,8 +16,8 @@ LIB="$OUT/libopdcore_cuda_emu.so"
 
 read -r TORCH_VERSION ABI TORCH_LIB < <("$PYTHON" -c "import os, torch; print(torch.__version__, int(torch._C._GLIBCXX_USE_CXX11_ABI), os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 TORCH_INC=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print(' '.join('-isystem '+p for p in c.include_paths()))")
-SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda_emu/*.h csrc/cuda_emu/*.cpp csrc/cuda_emu/include/*.h
-         csrc/cuda_emu/include/cuda/atomic csrc/include/opdcore/*.h csrc/torch/glue.h csrc/torch/registration.cpp
+SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda_emu/*.h csrc/cuda_emu/*.cpp csrc/cuda_emu/include/*.h csrc/torch/*.h
+         csrc/cuda_emu/include/cuda/atomic csrc/include/opdcore/*.h csrc/torch/registration.cpp csrc/cpu/packing.cpp
          csrc/torch/cuda/*.h csrc/torch/cuda/*.cpp "$0")
 STAMP=$( (echo "$TORCH_VERSION $CXX"; cat "${SOURCES[@]}") | sha256sum | cut -c1-16)
 if [ -f "$LIB" ] && [ "$(cat "$LIB.stamp" 2>/dev/null)" = "$STAMP" ]; then
@@ -35,8 +35,14 @@ compile() {  # out, flags...
   local out=$1; shift
   "$CXX" "${COMMON[@]}" "$@" -c -o "$OBJ/$out" >"$OBJ/$out.log" 2>&1 || { cat "$OBJ/$out.log"; echo "FAILED: $*" >&2; return 1; }
 }
-for f in csrc/cuda/*.cu; do compile "$(basename "$f").o" -O2 -x c++ "$f" & pids+=($!); done
+# The kernels run under UBSan's cheap checks: a misaligned 16-byte vector access (the emulator's uint4 is
+# alignas(16), as on the GPU, where it would fault), an out-of-bounds index into a fixed-size array, a bad shift,
+# signed overflow, division by zero. Any report aborts the process.
+UBSAN=(-fsanitize=alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero,null
+       -fno-sanitize-recover=all)
+for f in csrc/cuda/*.cu; do compile "$(basename "$f").o" -O2 "${UBSAN[@]}" -x c++ "$f" & pids+=($!); done
 compile emu.o -O2 csrc/cuda_emu/emu.cpp & pids+=($!)
+compile cpu_packing.o -O2 csrc/cpu/packing.cpp & pids+=($!)  # check_cu_seqlens, which the packing glue calls
 # shellcheck disable=SC2086
 compile registration.o -O1 $TORCH_INC -DOPDCORE_LIBRARY=opdcore_emu csrc/torch/registration.cpp & pids+=($!)
 for f in csrc/torch/cuda/*.cpp; do
@@ -46,7 +52,7 @@ done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
 [ $status -eq 0 ] || exit 1
-"$CXX" -shared -o "$LIB.tmp" "$OBJ"/*.o -L"$TORCH_LIB" -Wl,-rpath,"$TORCH_LIB" -ltorch -ltorch_cpu -lc10 -lpthread
+"$CXX" -shared "${UBSAN[@]}" -o "$LIB.tmp" "$OBJ"/*.o -L"$TORCH_LIB" -Wl,-rpath,"$TORCH_LIB" -ltorch -ltorch_cpu -lc10 -lpthread
 mv "$LIB.tmp" "$LIB"
 echo "$STAMP" >"$LIB.stamp"
 echo "$LIB"

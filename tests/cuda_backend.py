@@ -5,7 +5,9 @@ OPDCORE_CUDA_TEST_DEVICE picks it (default: `cuda` when a GPU is visible, else `
   emu   the same kernels and ATen glue compiled for the CPU emulator of csrc/cuda_emu (scripts/build_cuda_emu.sh
         builds it; the ops register as torch.ops.opdcore_emu.*). Inside `device_ops()` the opdcore Python layer
         calls those instead of torch.ops.opdcore.*, on CPU tensors. It tests the kernels' logic and the glue on any
-        machine; a GPU run is still what proves them (timing, memory model, the real __expf).
+        machine; a GPU run is still what proves them (timing, memory model, the real __expf). The kernels run
+        under UBSan (misaligned vector access, array bounds, ...): a report aborts the process, and pytest's
+        output capture hides it, so rerun the failing test with `-s` to read it.
   cpu   CPU against CPU: a self-check of the test file's mechanics only.
 """
 from __future__ import annotations
@@ -44,6 +46,9 @@ def _load_emulator() -> None:
     reg = torch.library.register_autograd
     reg("opdcore_emu::opd_topk_loss_fwd", _loss._loss_backward, setup_context=_loss._loss_setup)
     reg("opdcore_emu::renorm_kl_fwd", _loss._rkl_backward, setup_context=_loss._rkl_setup)
+    pk = opdcore.packing
+    reg("opdcore_emu::pad_packed", pk._pad_backward, setup_context=pk._pad_setup)
+    reg("opdcore_emu::unpad_packed", pk._unpad_backward, setup_context=pk._unpad_setup)
 
 
 if MODE == "emu":

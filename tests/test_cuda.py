@@ -14,13 +14,14 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
 from opdcore.ops import renorm_topk_kl
 from opdcore.ops.loss import WEIGHT_MODES
+from opdcore.packing import from_padded, to_padded
 
 from cuda_backend import DEV, MODE, device_ops, on_dev, ops, to_dev
 import cuda_backend
@@ -546,3 +547,54 @@ def test_property_loss(n, v, K, dtype, mode, clip, temperature, seed):
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else (
         dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-4))
     _close(gg.float(), gc.float(), dtype, "grad", **tol)
+
+
+# ---- packed sequences: pad / unpad ------------------------------------------------------------------------------
+
+_PACK_DTYPES = [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.bool, torch.uint8,
+                torch.complex128]
+
+
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=9), extra=st.integers(0, 3),
+       tail=st.sampled_from([(), (1,), (3,), (16,), (2, 5)]), dtype=st.sampled_from(_PACK_DTYPES),
+       offset=st.booleans(), seed=st.integers(0, 2**31))
+@example(lengths=[4, 0, 2], extra=1, tail=(16,), dtype=torch.float32, offset=True, seed=0)  # 64-byte rows, 4-byte offset
+@example(lengths=[5, 3], extra=0, tail=(2, 5), dtype=torch.bfloat16, offset=True, seed=1)
+def test_property_pad_unpad(lengths, extra, tail, dtype, offset, seed):
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    n = int(cu[-1])
+    row = int(torch.tensor(tail).prod()) if tail else 1
+    flat = torch.randint(0, 100, (n * row + 1,), generator=gen)
+    flat = (flat > 50) if dtype == torch.bool else flat.to(dtype)
+    # offset: a view that starts one element in, so the wide copy units must fall back to narrower ones
+    def view(t):
+        return t[int(offset):int(offset) + n * row].view(n, *tail)
+
+    packed, packed_dev = view(flat), view(to_dev(flat))
+    T = max(lengths) + extra
+    pad_value = 0.0 if dtype == torch.bool else 7.0
+    g, c = on_dev(to_padded, packed_dev, to_dev(cu), T, pad_value), to_padded(packed, cu, T, pad_value)
+    assert torch.equal(g.cpu(), c)
+    padded_dev = to_dev(c)
+    if offset and c.numel():  # the padded input one element off alignment too
+        padded_dev = to_dev(torch.cat([c.flatten()[:1], c.flatten()]))[1:].view(c.shape)
+    back = on_dev(from_padded, padded_dev, to_dev(cu))
+    assert torch.equal(back.cpu(), packed)
+
+
+def test_pad_unpad_autograd_and_errors():
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    x = torch.randn(7, 4, dtype=torch.float64)
+
+    def run():
+        xs = to_dev(x).requires_grad_(True)
+        y = to_padded(xs, to_dev(cu), 5)
+        (y * torch.arange(20, dtype=y.dtype, device=y.device).view(1, 5, 4)).sum().backward()
+        return y, xs.grad
+
+    (yg, gg), (yc, gc) = on_dev(run), run()
+    assert torch.equal(yg.cpu(), yc) and torch.equal(gg.cpu(), gc)
+    _same_error(lambda p, c: ops().pad_packed(p, c, 3), x, cu)  # max_seqlen shorter than a sequence
+    _same_error(lambda p, c: ops().pad_packed(p, c, 5), x, torch.tensor([0, 4, 3, 7], dtype=torch.int32))
+    _same_error(lambda p, c: ops().unpad_packed(p, c), torch.zeros(2, 5, 4), cu)

@@ -104,5 +104,15 @@ template <typename A>
 Status renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_ratio, const A* loss,
                           const A* grad_loss, double temperature, A* grad_set_logits, const Launch& launch);
 
+// ---- packed sequences (packing.h) ----------------------------------------------------------------------
+
+// The byte copies of pad_packed / unpad_packed; cu_seqlens [B+1] on the device, already checked on the host
+// (check_cu_seqlens, longest <= T); N = cu_seqlens[B]. elem_size in {1, 2, 4, 8, 16}; pad: elem_size bytes.
+// Neither can fail on data: no host sync.
+Status pad_packed(const void* packed, const int32_t* cu_seqlens, int64_t B, int64_t T, int64_t w, int64_t elem_size,
+                  const void* pad, void* padded, const Launch& launch);
+Status unpad_packed(const void* padded, const int32_t* cu_seqlens, int64_t B, int64_t T, int64_t w, int64_t elem_size,
+                    int64_t N, void* packed, const Launch& launch);
+
 }  // namespace cuda
 }  // namespace opdcore
