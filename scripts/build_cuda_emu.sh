@@ -45,6 +45,8 @@ compile emu.o -O2 csrc/cuda_emu/emu.cpp & pids+=($!)
 compile cpu_packing.o -O2 csrc/cpu/packing.cpp & pids+=($!)  # check_cu_seqlens, which the packing glue calls
 # shellcheck disable=SC2086
 compile registration.o -O1 $TORCH_INC -DOPDCORE_LIBRARY=opdcore_emu csrc/torch/registration.cpp & pids+=($!)
+# shellcheck disable=SC2086
+compile selftest.o -O1 $TORCH_INC csrc/cuda_emu/selftest.cpp & pids+=($!)
 for f in csrc/torch/cuda/*.cpp; do
   # shellcheck disable=SC2086
   compile "glue_$(basename "$f").o" -O1 $TORCH_INC "$f" & pids+=($!)
