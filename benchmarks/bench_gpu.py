@@ -6,6 +6,8 @@ Cases (default N=8192 tokens, V=151936, k=16, bf16 logits):
   extract_linear the same from hidden [N, H] and the LM head [V, H] (opdcore.linear_topk streams the vocabulary in
                  chunks; PyTorch materialises the logits)
   loss_fwd_bwd   top-k OPD loss forward + backward to the logits (PyTorch: the reference formula through autograd)
+  pad / unpad    packed [N, k] float32 payloads <-> padded [B, T, k] (64 sequences of 1..2048 tokens; PyTorch:
+                 index_put / advanced indexing with precomputed (sequence, position) indices)
 
 Time: CUDA events around each call, warm-up first, median of the repeats. GB/s: the bytes a kernel must move
 (logits read once per pass, gradient written once), against the device-to-device copy bandwidth measured in
@@ -24,6 +26,7 @@ import torch
 
 import opdcore
 from opdcore.ops import linear_topk, opd_topk_loss, topk_logprobs
+from opdcore.packing import from_padded, to_padded
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -131,6 +134,30 @@ def main():
     ms, peak = timed(torch_loss, reps=args.reps)
     add("loss_fwd_bwd", "torch autograd", ms, peak, 3 * N * V * esize)
     del x
+
+    # ---- packed sequences: pad / unpad ---------------------------------------------------------------------------
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 2049, (64,), generator=gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32).cuda()
+    T, n_tok = int(lengths.max()), int(lengths.sum())
+    seq = torch.repeat_interleave(torch.arange(64), lengths).cuda()
+    pos = (torch.arange(n_tok) - torch.repeat_interleave(cu[:-1].long().cpu(), lengths)).cuda()
+    payload = torch.randn(n_tok, k, device="cuda")
+    padded = to_padded(payload, cu, T)
+
+    def torch_pad():
+        out = payload.new_zeros((64, T, k))
+        out[seq, pos] = payload
+        return out
+
+    moved_pad = (n_tok + 64 * T) * k * 4  # read the packed rows, write every padded row
+    for case, name, fn, nbytes in (("pad", "opdcore to_padded", lambda: to_padded(payload, cu, T), moved_pad),
+                                   ("pad", "torch zeros + index_put", torch_pad, moved_pad),
+                                   ("unpad", "opdcore from_padded", lambda: from_padded(padded, cu), 2 * n_tok * k * 4),
+                                   ("unpad", "torch advanced indexing", lambda: padded[seq, pos], 2 * n_tok * k * 4)):
+        ms, peak = timed(fn, reps=args.reps)
+        add(case, name, ms, peak, nbytes, f"N={n_tok} B=64 T={T}")
+    del payload, padded
 
     # ---- fused with the LM head --------------------------------------------------------------------------------
     if not args.skip_linear:

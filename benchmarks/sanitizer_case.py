@@ -2,13 +2,14 @@
 
 Covers: the one-block and several-blocks-per-row paths, k = 0 / small / large tier / > kMaxTopK, unaligned and
 strided rows, bf16 / fp32 / fp64, the streaming state, the loss forward + backward (also in place), renorm_kl,
-and an error path (the status word).
+pad / unpad of packed sequences (aligned and unaligned), and an error path (the status word).
 """
 import torch
 
 import opdcore
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear
 from opdcore.ops import renorm_topk_kl, topk_logprobs
+from opdcore.packing import from_padded, to_padded
 
 assert torch.cuda.is_available() and opdcore.build_info()["cuda_compiled"]
 torch.manual_seed(0)
@@ -32,6 +33,12 @@ for dt in (torch.bfloat16, torch.float32, torch.float64):
     linear_topk(h.detach(), w.detach(), 16, chunk_size=300)
     ids = torch.randint(0, 999, (7, 4), device="cuda")
     opd_topk_loss_linear(h, w, ids, -torch.rand(7, 4, device="cuda"), chunk_size=300).loss.sum().backward()
+cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32, device="cuda")
+for dt in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
+    flat = torch.randint(0, 2, (10 * 5 + 1,), device="cuda").to(dt)
+    for packed in (flat[:50].view(10, 5), flat[1:].view(10, 5), flat[:10]):  # aligned, unaligned, one per row
+        padded = to_padded(packed, cu, 8)
+        assert torch.equal(from_padded(padded, cu), packed)
 bad = torch.randn(3, 100, device="cuda")
 bad[1, 5] = float("nan")
 try:
