@@ -3,11 +3,9 @@
 #include "emu.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -347,31 +345,30 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   const unsigned seed = env_unsigned("OPDCORE_EMU_SEED", 0);
   unsigned workers = env_unsigned("OPDCORE_EMU_THREADS", std::max(1u, std::thread::hardware_concurrency()));
   workers = unsigned(std::min<uint64_t>(std::max(1u, workers), nblocks));
-  std::atomic<uint64_t> next{0};
-  std::mutex mu;
+  // Each block runs on a fresh host thread: its __shared__ variables (thread_local statics) start zeroed, not
+  // holding the previous block's values, so a kernel that reads shared memory before initialising it (or before
+  // the barrier after the initialisation) sees zeros, not a plausible leftover. Fiber stacks are reused.
+  std::vector<std::unique_ptr<Emulation>> emus;
+  for (unsigned w = 0; w < workers; ++w) emus.emplace_back(new Emulation(block, smem, body, seed ? seed + w : 0));
   std::string first_error;
-  auto work = [&](unsigned w) {
-    Emulation emu(block, smem, body, seed ? seed + w : 0);
-    Emulation* saved = t_emu;
-    t_emu = &emu;
-    for (uint64_t i = next++; i < nblocks; i = next++) {
-      const uint3 b{unsigned(i % grid.x), unsigned((i / grid.x) % grid.y), unsigned(i / (uint64_t(grid.x) * grid.y))};
-      try {
-        emu.run_block(b, block, grid);
-      } catch (const std::exception& e) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (first_error.empty()) first_error = e.what();
-        next = nblocks;
-      }
-    }
-    t_emu = saved;
-  };
-  if (workers == 1) {
-    work(0);
-  } else {
+  std::vector<std::string> errors(workers);
+  for (uint64_t first = 0; first < nblocks && first_error.empty(); first += workers) {
     std::vector<std::thread> pool;
-    for (unsigned w = 0; w < workers; ++w) pool.emplace_back(work, w);
+    for (unsigned w = 0; w < workers && first + w < nblocks; ++w) {
+      const uint64_t i = first + w;
+      const uint3 b{unsigned(i % grid.x), unsigned((i / grid.x) % grid.y), unsigned(i / (uint64_t(grid.x) * grid.y))};
+      pool.emplace_back([&, w, b] {
+        t_emu = emus[w].get();
+        try {
+          emus[w]->run_block(b, block, grid);
+        } catch (const std::exception& e) {
+          errors[w] = e.what();
+        }
+      });
+    }
     for (auto& t : pool) t.join();
+    for (auto& e : errors)
+      if (first_error.empty() && !e.empty()) first_error = e;
   }
   if (!first_error.empty()) set_error(cudaErrorLaunchFailure, first_error);
 }

@@ -5,7 +5,8 @@
 // What it models: every CUDA thread of a block is a fiber with its own stack; __shared__ variables are shared
 // by the fibers of one block; __syncthreads / __syncthreads_or and the warp collectives (__syncwarp,
 // __ballot_sync, __any_sync, __shfl_xor_sync) are real barriers between those fibers. Blocks of a grid run on a
-// small pool of host threads. It checks what a GPU would leave undefined: a barrier or warp collective that not
+// small pool of host threads, each block on a fresh one, so static __shared__ variables start zeroed (never the
+// previous block's values). It checks what a GPU would leave undefined: a barrier or warp collective that not
 // every thread (lane) reaches, lanes of one warp in different collectives, a full-mask collective after a lane
 // exited, a dynamic shared-memory request over 48 KiB, grid/block limits. Dynamic shared memory starts filled
 // with garbage bytes. OPDCORE_EMU_SEED=<n> shuffles the order fibers run between barriers (a missing barrier
@@ -30,7 +31,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// One host thread runs one block at a time, so a thread_local static is exactly "shared by the block".
+// One host thread runs exactly one block, so a thread_local static is "shared by the block" (and starts zeroed).
 #define __shared__ static thread_local
 
 // ---- vector types and launch geometry ---------------------------------------------------------------------
