@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
-from opdcore.ops import renorm_topk_kl
+from opdcore.ops import opd_topk_loss_linear_weighted, renorm_topk_kl, renorm_topk_kl_linear
 from opdcore.ops.loss import WEIGHT_MODES
 from opdcore.packing import from_padded, to_padded
 
@@ -391,6 +391,30 @@ def test_loss_linear_gradients(dtype, mode):
     _close(lg.float(), lc.float(), dtype, "loss", **tol)
     _close(hg.float(), hc.float(), dtype, "grad hidden", **tol)
     _close(wg.float(), wc.float(), dtype, "grad weight", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_loss_linear_weighted_and_renorm_linear(dtype):
+    """The fused losses the trainer calls: gradient formed in the forward (row blocks), and renorm_kl on K rows."""
+    n, H, v, K = 19, 24, 1501, 5
+    gen = torch.Generator().manual_seed(2)
+    h = (torch.randn(n, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    w = (torch.randn(v, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    ids, tq, valid = make_set(n, v, K, seed=9, dup=False)
+    tw = torch.rand(n, dtype=torch.float64, generator=gen)
+
+    def run(device):
+        hs, ws = h.to(device, copy=True).requires_grad_(True), w.to(device, copy=True).requires_grad_(True)
+        total, out = opd_topk_loss_linear_weighted(hs, ws, ids.to(device), tq.to(device), tw.to(device),
+                                                   valid.to(device), max_block_elements=4 * v)  # 4-row blocks
+        rkl = renorm_topk_kl_linear(hs, ws, ids.to(device), tq.to(device), valid.to(device), temperature=1.1)
+        (total + (rkl * tw.to(device, rkl.dtype)).sum()).backward()
+        return total, out.loss, hs.grad, ws.grad
+
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else (
+        dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2))
+    for name, a, b in zip(("total", "loss", "grad hidden", "grad weight"), on_dev(run, DEV), run("cpu")):
+        _close(a.float(), b.float(), dtype, name, **tol)
 
 
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64])
