@@ -4,11 +4,15 @@
 # key. tests/test_cuda.py runs against it when no GPU is present (it builds it through this script).
 #
 #   scripts/build_cuda_emu.sh [OUT_DIR]     # default build/cuda_emu; prints the library's path
+#   OPDCORE_EMU_ASAN=1 scripts/build_cuda_emu.sh    # + AddressSanitizer on the kernels, in build/cuda_emu_asan
+#
+# With ASan the library must run in a process that preloads the ASan runtime: scripts/cuda_emu_memcheck.sh.
 #
 # Rebuilds only when a source, this script or the torch version changed (a stamp next to the library).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-build/cuda_emu}
+ASAN=${OPDCORE_EMU_ASAN:-0}
+OUT=${1:-$( [ "$ASAN" = "1" ] && echo build/cuda_emu_asan || echo build/cuda_emu )}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}
 CXX=${CXX:-g++}
 mkdir -p "$OUT"
@@ -19,7 +23,7 @@ TORCH_INC=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print(' '.join(
 SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda_emu/*.h csrc/cuda_emu/*.cpp csrc/cuda_emu/include/*.h csrc/torch/*.h
          csrc/cuda_emu/include/cuda/atomic csrc/include/opdcore/*.h csrc/torch/registration.cpp csrc/cpu/packing.cpp
          csrc/torch/cuda/*.h csrc/torch/cuda/*.cpp "$0")
-STAMP=$( (echo "$TORCH_VERSION $CXX"; cat "${SOURCES[@]}") | sha256sum | cut -c1-16)
+STAMP=$( (echo "$TORCH_VERSION $CXX asan=$ASAN"; cat "${SOURCES[@]}") | sha256sum | cut -c1-16)
 if [ -f "$LIB" ] && [ "$(cat "$LIB.stamp" 2>/dev/null)" = "$STAMP" ]; then
   echo "$LIB"
   exit 0
@@ -40,6 +44,7 @@ compile() {  # out, flags...
 # signed overflow, division by zero. Any report aborts the process.
 UBSAN=(-fsanitize=alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero,null
        -fno-sanitize-recover=all)
+[ "$ASAN" = "1" ] && UBSAN+=(-fsanitize=address -fno-omit-frame-pointer)
 for f in csrc/cuda/*.cu; do compile "$(basename "$f").o" -O2 "${UBSAN[@]}" -x c++ "$f" & pids+=($!); done
 compile emu.o -O2 csrc/cuda_emu/emu.cpp & pids+=($!)
 compile cpu_packing.o -O2 csrc/cpu/packing.cpp & pids+=($!)  # check_cu_seqlens, which the packing glue calls

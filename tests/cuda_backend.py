@@ -7,7 +7,8 @@ OPDCORE_CUDA_TEST_DEVICE picks it (default: `cuda` when a GPU is visible, else `
         calls those instead of torch.ops.opdcore.*, on CPU tensors. It tests the kernels' logic and the glue on any
         machine; a GPU run is still what proves them (timing, memory model, the real __expf). The kernels run
         under UBSan (misaligned vector access, array bounds, ...): a report aborts the process, and pytest's
-        output capture hides it, so rerun the failing test with `-s` to read it.
+        output capture hides it, so rerun the failing test with `-s` to read it. OPDCORE_EMU_ASAN=1 adds
+        AddressSanitizer: the emulator's memcheck, run through scripts/cuda_emu_memcheck.sh.
   cpu   CPU against CPU: a self-check of the test file's mechanics only.
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ _active = False
 
 def _load_emulator() -> None:
     """Build (when stale) and load the emulator library; register the Python autograd of its ops."""
+    if os.environ.get("OPDCORE_EMU_ASAN") == "1" and "libasan" not in os.environ.get("LD_PRELOAD", ""):
+        raise RuntimeError("OPDCORE_EMU_ASAN=1 needs the ASan runtime preloaded: run scripts/cuda_emu_memcheck.sh")
     proc = subprocess.run(["bash", str(_ROOT / "scripts" / "build_cuda_emu.sh")], cwd=_ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHON": sys.executable})
     if proc.returncode != 0:
