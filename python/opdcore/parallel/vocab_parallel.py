@@ -1,0 +1,235 @@
+"""Vocabulary-parallel ops (Megatron-style): rank r of `group` holds the logits (or LM-head rows) of the r-th
+contiguous vocabulary shard, and the ops return what the single-device ops return on the full vocabulary.
+
+Each rank streams its shard into a StreamState (top-k candidates, online max / sum-exp / entropy, values at
+requested ids); the states are all-gathered (O(N * (3 + k + m)) numbers per rank, never [N, V]) and merged in
+rank order, so every rank holds the same, deterministic result. The losses need only the global log-sum-exp and
+the set's log-probs in the forward; their backward is local (each rank writes the gradient of its own columns).
+
+Shard sizes may differ between ranks (V need not divide evenly); offsets follow from the sizes in rank order.
+Every collective is entered by every rank even when one rank's input is bad: the failure is shared first and
+all ranks raise, instead of the healthy ranks waiting forever in the next collective.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
+from opdcore.ops import loss as _loss
+from opdcore.ops.topk import _as_long, _check_linear, iter_head_chunks
+
+
+def shard_range(vocab_size: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """(offset, size) of rank's shard when vocab_size is split as evenly as possible (the first ranks get the
+    remainder), e.g. to slice an LM head: weight[offset:offset + size]."""
+    if vocab_size < world_size or not 0 <= rank < world_size:
+        raise ValueError(f"cannot split a vocabulary of {vocab_size} over {world_size} ranks (rank {rank})")
+    base, extra = divmod(vocab_size, world_size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
+def _comm_device(group) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def _exchange(values: Sequence[int], error: Optional[BaseException], what: str, group) -> torch.Tensor:
+    """All-gather [failed, *values] from every rank; if any rank failed, raise on every rank with its message."""
+    dev = _comm_device(group)
+    mine = torch.tensor([int(error is not None), *values], dtype=torch.int64, device=dev)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).cpu()
+    if bool(table[:, 0].any()):
+        msgs: List[Optional[str]] = [None] * len(rows)
+        dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}", group=group)
+        bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+        raise RuntimeError(f"{what}: " + "; ".join(f"rank {r}: {m}" for r, m in bad))
+    return table[:, 1:]
+
+
+def _shard_layout(rows: int, cols: int, error: Optional[BaseException], what: str, group) -> Tuple[int, int]:
+    """(this rank's vocabulary offset, total vocabulary) from every rank's [rows, cols] shard."""
+    table = _exchange([rows, cols], error, what, group)
+    if bool((table[:, 0] != rows).any()):
+        raise RuntimeError(f"{what}: ranks disagree on the number of rows (tokens): {table[:, 0].tolist()}")
+    sizes = table[:, 1].tolist()
+    rank = dist.get_rank(group)
+    return int(sum(sizes[:rank])), int(sum(sizes))
+
+
+def _gather_merge(state: StreamState, group) -> StreamState:
+    """Every rank's state, merged in rank order (the same result on every rank)."""
+    dev = _comm_device(group)
+    world = dist.get_world_size(group)
+    floats = torch.cat([state.max[:, None], state.sumexp[:, None], state.ent[:, None], state.heap_vals,
+                        state.target_vals], 1).to(dev)
+    gathered = [torch.empty_like(floats) for _ in range(world)]
+    dist.all_gather(gathered, floats, group=group)
+    k = state.heap_ids.shape[1]
+    if k:
+        ids = state.heap_ids.to(dev)
+        gathered_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(gathered_ids, ids, group=group)
+    merged = None
+    for r in range(world):
+        f = gathered[r].to(state.max.device)
+        s = StreamState(state.max.shape[0], k, state.target_ids, dtype=state.max.dtype, device=state.max.device,
+                        temperature=state.temperature)
+        s.max.copy_(f[:, 0])
+        s.sumexp.copy_(f[:, 1])
+        s.ent.copy_(f[:, 2])
+        s.heap_vals.copy_(f[:, 3:3 + k])
+        s.target_vals.copy_(f[:, 3 + k:])
+        if k:
+            s.heap_ids.copy_(gathered_ids[r].to(state.max.device))
+        merged = s if merged is None else merged.merge(s)
+    return merged
+
+
+def _check_ids(ids: Optional[torch.Tensor], vocab: int, name: str) -> None:
+    if ids is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name} holds an id outside [0, vocab={vocab})")
+
+
+def _stream_shards(what, rows, cols, k, ids, acc, device, temperature, feed, group) -> Tuple[StreamResult, int]:
+    """The shared body of the ops: layout, local streaming (feed(state, offset)), gather, finalize. Returns the
+    result and this rank's vocabulary offset."""
+    err = None
+    try:
+        if ids is not None:
+            ids = _as_long(ids, "ids")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+    except (TypeError, ValueError) as e:
+        err = e
+    offset, vocab = _shard_layout(rows, cols, err, what, group)
+    state, err = None, None
+    try:
+        if k > vocab:
+            raise ValueError(f"k must be in [0, vocab={vocab}], got {k}")
+        _check_ids(ids, vocab, "ids")
+        state = StreamState(rows, k, ids, dtype=acc, device=device, temperature=temperature)
+        feed(state, offset)
+    except (RuntimeError, ValueError) as e:
+        err = e
+    _exchange([], err, what, group)
+    return _gather_merge(state, group).finalize(), offset
+
+
+@torch.no_grad()
+def vocab_parallel_topk_logprobs(logits_shard: torch.Tensor, k: int, *, ids: Optional[torch.Tensor] = None,
+                                 temperature: float = 1.0, group=None) -> StreamResult:
+    """topk_logprobs (and logprobs_at global ids [N, m]) of the full-vocabulary logits whose rank-r shard is
+    logits_shard [N, V_r]. Top-k ids are global vocabulary ids; every rank gets the same StreamResult."""
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+    rows, cols = (logits_shard.shape[0], logits_shard.shape[1]) if logits_shard.dim() == 2 else (-1, -1)
+    return _stream_shards("vocab_parallel_topk_logprobs", rows, cols, int(k), ids, acc, logits_shard.device,
+                          temperature, lambda st, off: st.update(logits_shard, off), group)[0]
+
+
+@torch.no_grad()
+def vocab_parallel_linear_topk(hidden: torch.Tensor, weight_shard: torch.Tensor, k: int, *,
+                               ids: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                               chunk_size: Optional[int] = None, group=None) -> StreamResult:
+    """linear_topk with the LM head split by vocabulary rows: weight_shard [V_r, H] on rank r. The logits exist
+    only one [N, chunk_size] chunk at a time on each rank."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def feed(state, offset):
+        for off, logits in iter_head_chunks(hidden, weight_shard, _check_linear(hidden, weight_shard, chunk_size)):
+            state.update(logits, offset + off)
+
+    rows = hidden.shape[0] if hidden.dim() == 2 else -1
+    cols = weight_shard.shape[0] if weight_shard.dim() == 2 else -1
+    return _stream_shards("vocab_parallel_linear_topk", rows, cols, int(k), ids, acc, hidden.device, temperature,
+                          feed, group)[0]
+
+
+class _VocabParallelOPDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_shard, ids, tq, valid, mode, temperature, clip, group):
+        acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+        res, offset = _stream_shards("vocab_parallel_opd_topk_loss", logits_shard.shape[0], logits_shard.shape[1], 0,
+                                     ids, acc, logits_shard.device, temperature,
+                                     lambda st, off: st.update(logits_shard, off), group)
+        # identical inputs on every rank (the merged log-probs, the replicated teacher values): all fail or none
+        rewards, loss = _loss._ops.opd_rewards(res.target_logprobs, tq.to(acc), valid, mode, clip)
+        ctx.save_for_backward(logits_shard, res.lse, ids, rewards)
+        ctx.temperature, ctx.offset = temperature, offset
+        ctx.mark_non_differentiable(rewards, res.target_logprobs, res.lse)
+        return loss, rewards, res.target_logprobs, res.lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        logits_shard, lse, ids, rewards = ctx.saved_tensors
+        grad = logits_shard.detach().clone(memory_format=torch.contiguous_format)
+        # the local slice of the full gradient: dense softmax term + the set terms of ids in this shard
+        _loss._ops.opd_topk_loss_bwd_chunk_(grad, ctx.offset, grad_loss.contiguous(), lse, ids, rewards,
+                                            ctx.temperature)
+        return grad, None, None, None, None, None, None, None
+
+
+def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                                 valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
+                                 temperature: float = 1.0, log_ratio_clip: float = 0.0, group=None) -> OPDLoss:
+    """opd_topk_loss of the full-vocabulary logits whose rank-r shard is logits_shard [N, V_r]; ids are global
+    vocabulary ids [N, K] (the same on every rank, like teacher_logprobs and valid). The loss is replicated on
+    every rank; the gradient goes to each rank's own shard."""
+    if logits_shard.dim() != 2:
+        raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
+    ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
+    if log_ratio_clip < 0:
+        raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
+    return OPDLoss(*_VocabParallelOPDLoss.apply(logits_shard, ids.contiguous(), tq.contiguous(), valid.contiguous(),
+                                                weight_mode_index(weight_mode), float(temperature),
+                                                float(log_ratio_clip), group))
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward passes the gradient through (every rank's loss is the same replicated value,
+    so d loss / d (this rank's summand) = d loss / d sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        dev = _comm_device(group)
+        y = x.to(dev, copy=True)
+        dist.all_reduce(y, group=group)
+        return y.to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def vocab_parallel_renorm_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                                  valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+                                  group=None) -> torch.Tensor:
+    """renorm_topk_kl of the full-vocabulary logits whose rank-r shard is logits_shard [N, V_r]: each set logit is
+    read on the rank that owns its id and summed across ranks ([N, K] numbers), then the renormalised KL runs
+    on every rank. Differentiable to each rank's shard."""
+    what = "vocab_parallel_renorm_topk_kl"
+    err = None
+    try:
+        if logits_shard.dim() != 2:
+            raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
+        ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
+    except (TypeError, ValueError) as e:
+        err = e
+    rows, cols = (logits_shard.shape[0], logits_shard.shape[1]) if logits_shard.dim() == 2 else (-1, -1)
+    offset, vocab = _shard_layout(rows, cols, err, what, group)
+    try:
+        _check_ids(ids, vocab, "ids")
+    except ValueError as e:
+        err = e
+    _exchange([], err, what, group)
+    local = ids - offset
+    mine = (local >= 0) & (local < cols)
+    picked = logits_shard.gather(1, local.clamp(0, cols - 1))
+    set_logits = _AllReduceSum.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+    return _loss._ops.renorm_kl_fwd(set_logits.to(acc), tq.to(acc).contiguous(), valid.contiguous(),
+                                    float(temperature))[0]

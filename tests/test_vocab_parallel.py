@@ -1,0 +1,144 @@
+"""Vocabulary-parallel ops on 2-3 real processes (torch.distributed, gloo) against the single-process ops on the
+full vocabulary: the same top-k ids, values to rounding, every rank's shard gradient equal to its slice of the
+full gradient (whose backward is gradchecked in test_loss.py); and every rank raising, not hanging, on bad input.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from opdcore.ops import linear_topk, logprobs_at, opd_topk_loss, renorm_topk_kl, topk_logprobs
+from opdcore.parallel import (shard_range, vocab_parallel_linear_topk, vocab_parallel_opd_topk_loss,
+                              vocab_parallel_renorm_topk_kl, vocab_parallel_topk_logprobs)
+
+
+def _spawn(fn, world, tmp_path):
+    mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg")), nprocs=world, join=True)
+
+
+def _entry(rank, fn, world, path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        fn(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _logits(n, v, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    x[::2] = torch.round(x[::2] * 2) / 2  # exact ties across shard boundaries
+    x[torch.rand(n, v, generator=g) < 0.05] = float("-inf")
+    x[:, 0] = 0.0
+    return x.to(dtype)
+
+
+def _close(a, b, dtype, what):
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(a, b, msg=lambda m: f"{what}: {m}", **tol)
+
+
+def _set(n, v, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(v, generator=g)[:K] for _ in range(n)])
+    tq = -torch.rand(n, K, generator=g, dtype=torch.float64) * 6 - 0.1
+    valid = torch.rand(n, K, generator=g) > 0.2
+    valid[:, 0] = True
+    return ids, tq, valid
+
+
+def _matches_single_process(rank, world):
+    n, v = 7, 1001  # uneven shards
+    off, size = shard_range(v, rank, world)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        x = _logits(n, v, dtype, seed=1)
+        shard = x[:, off:off + size]
+        tids = torch.randint(0, v, (n, 5), generator=torch.Generator().manual_seed(2))
+        for k in (1, 16, 400):  # 400 > a shard: every rank's heap is partly empty before the merge
+            got = vocab_parallel_topk_logprobs(shard, k, ids=tids, temperature=0.8)
+            want = topk_logprobs(x, k, 0.8)
+            assert torch.equal(got.ids, want.ids), (dtype, k)
+            _close(got.logprobs, want.logprobs, dtype, "logprobs")
+            _close(got.lse, want.lse, dtype, "lse")
+            _close(got.entropy, want.entropy, dtype, "entropy")
+            _close(got.target_logprobs, logprobs_at(x, tids, 0.8)[0], dtype, "target log-probs")
+
+        ids, tq, valid = _set(n, v, 6, seed=3)
+        g = torch.Generator().manual_seed(7)  # the same full logits on every rank
+        x = x.scatter(1, ids, torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype))  # finite on the set
+        w = torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+        xs = x[:, off:off + size].clone().requires_grad_(True)
+        out = vocab_parallel_opd_topk_loss(xs, ids, tq, valid, weight_mode="student_p", temperature=0.9,
+                                           log_ratio_clip=4.0)
+        (out.loss * w.to(out.loss.dtype)).sum().backward()
+        xf = x.clone().requires_grad_(True)
+        ref = opd_topk_loss(xf, ids, tq, valid, weight_mode="student_p", temperature=0.9, log_ratio_clip=4.0)
+        (ref.loss * w.to(ref.loss.dtype)).sum().backward()
+        _close(out.loss, ref.loss, dtype, "loss")
+        _close(out.rewards, ref.rewards, dtype, "rewards")
+        _close(xs.grad.double(), xf.grad[:, off:off + size].double(), dtype, "loss gradient of the shard")
+
+        xs.grad = None
+        xf.grad = None
+        vocab_parallel_renorm_topk_kl(xs, ids, tq, valid, temperature=1.1).sum().backward()
+        rkl = renorm_topk_kl(xf, ids, tq, valid, temperature=1.1)
+        rkl.sum().backward()
+        _close(vocab_parallel_renorm_topk_kl(xs.detach(), ids, tq, valid, temperature=1.1), rkl.detach(), dtype,
+               "renorm kl")
+        _close(xs.grad.double(), xf.grad[:, off:off + size].double(), dtype, "renorm kl gradient of the shard")
+
+    g = torch.Generator().manual_seed(8)  # the same full inputs on every rank
+    h = torch.randn(9, 16, generator=g, dtype=torch.float64)
+    wt = torch.randn(v, 16, generator=g, dtype=torch.float64)
+    tids = torch.randint(0, v, (9, 3), generator=torch.Generator().manual_seed(4))
+    got = vocab_parallel_linear_topk(h, wt[off:off + size], 16, ids=tids, chunk_size=100)
+    want = linear_topk(h, wt, 16, ids=tids, chunk_size=100)
+    assert torch.equal(got.ids, want.ids)
+    _close(got.lse, want.lse, torch.float64, "linear lse")
+    _close(got.target_logprobs, want.target_logprobs, torch.float64, "linear targets")
+
+
+def test_vocab_parallel_matches_single_process(tmp_path):
+    _spawn(_matches_single_process, 3, tmp_path)
+
+
+def _errors_on_every_rank(rank, world):
+    n, v = 4, 300
+    off, size = shard_range(v, rank, world)
+    x = _logits(n, v, torch.float32, seed=5)
+    bad = x.clone()
+    bad[2, v - 1] = float("nan")  # in the last rank's shard only
+    with pytest.raises(RuntimeError, match=rf"rank {world - 1}: RuntimeError: .*NaN or \+inf \(row 2\)"):
+        vocab_parallel_topk_logprobs(bad[:, off:off + size], 4)
+    tids = torch.tensor([[0], [1], [2], [v]])  # id v is outside every shard
+    with pytest.raises(RuntimeError, match=rf"outside \[0, vocab={v}\)"):
+        vocab_parallel_topk_logprobs(x[:, off:off + size], 4, ids=tids)
+    with pytest.raises(RuntimeError, match="disagree on the number of rows"):
+        vocab_parallel_topk_logprobs(x[: n - rank, off:off + size], 4)
+    with pytest.raises(RuntimeError, match=f"rank {rank}: TypeError: ids must be an int32 or int64"):
+        vocab_parallel_topk_logprobs(x[:, off:off + size], 4, ids=torch.zeros(n, 1))
+    ids, tq, valid = _set(n, v, 3, seed=6)
+    with pytest.raises(RuntimeError, match=rf"k must be in \[0, vocab={v}\]"):
+        vocab_parallel_topk_logprobs(x[:, off:off + size], v + 1)
+    tq_bad = tq.clone()
+    tq_bad[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="teacher"):
+        vocab_parallel_opd_topk_loss(x[:, off:off + size], ids, tq_bad, valid)
+    # the process group is still usable afterwards
+    got = vocab_parallel_topk_logprobs(x[:, off:off + size], 4)
+    assert torch.equal(got.ids, topk_logprobs(x, 4).ids)
+
+
+def test_vocab_parallel_errors_raise_on_every_rank(tmp_path):
+    _spawn(_errors_on_every_rank, 2, tmp_path)
+
+
+def test_shard_range():
+    assert [shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 3), (7, 3)]
+    with pytest.raises(ValueError, match="cannot split"):
+        shard_range(2, 0, 3)
