@@ -30,7 +30,7 @@ if [ -f "$LIB" ] && [ "$(cat "$LIB.stamp" 2>/dev/null)" = "$STAMP" ]; then
 fi
 
 # The emulator's headers come first, so <cuda_runtime.h> & co. resolve to csrc/cuda_emu/include.
-COMMON=(-std=c++17 -fPIC -Wall -Wextra -Wno-unknown-pragmas -ffp-contract=off -DOPDCORE_CUDA_EMU
+COMMON=(-std=c++17 -fPIC -Wall -Wextra -Wno-unknown-pragmas -DOPDCORE_CUDA_EMU
         -D_GLIBCXX_USE_CXX11_ABI="$ABI" -I csrc/cuda_emu/include -I csrc/include -I csrc/torch)
 OBJ=$(mktemp -d)
 trap 'rm -rf "$OBJ"' EXIT
@@ -45,7 +45,10 @@ compile() {  # out, flags...
 UBSAN=(-fsanitize=alignment,bounds,shift,signed-integer-overflow,integer-divide-by-zero,null
        -fno-sanitize-recover=all)
 [ "$ASAN" = "1" ] && UBSAN+=(-fsanitize=address -fno-omit-frame-pointer)
-for f in csrc/cuda/*.cu; do compile "$(basename "$f").o" -O2 "${UBSAN[@]}" -x c++ "$f" & pids+=($!); done
+# FMA contraction on, like nvcc's default (-fmad=true), where the host has FMA (-march=native).
+for f in csrc/cuda/*.cu; do
+  compile "$(basename "$f").o" -O2 -march=native -ffp-contract=fast "${UBSAN[@]}" -x c++ "$f" & pids+=($!)
+done
 compile emu.o -O2 csrc/cuda_emu/emu.cpp & pids+=($!)
 compile cpu_packing.o -O2 csrc/cpu/packing.cpp & pids+=($!)  # check_cu_seqlens, which the packing glue calls
 # shellcheck disable=SC2086

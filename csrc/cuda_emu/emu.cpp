@@ -124,7 +124,7 @@ struct WarpState {
 class Emulation;
 thread_local Emulation* t_emu = nullptr;
 
-// Runs the blocks handed to one host thread. Fiber stacks are allocated once and reused.
+// Runs one block at a time on whichever host thread points t_emu at it; fiber stacks are allocated once.
 class Emulation {
  public:
   Emulation(dim3 block, size_t smem, const std::function<void()>& body, unsigned seed)
