@@ -74,6 +74,10 @@ inline void raise_status(const Status& st, const char* logits_name, const char* 
     case Status::kBadTeacherLogprob:
       TORCH_CHECK(false, "teacher_logprobs is NaN, +inf or -inf at a valid id (row ", st.row,
                   "); -inf is accepted only with log_ratio_clip > 0");
+    case Status::kTeacherNonFinite:
+      TORCH_CHECK(false, "teacher_logits contains NaN or +inf (row ", st.row, ")");
+    case Status::kTeacherAllNegInf:
+      TORCH_CHECK(false, "teacher_logits row ", st.row, " is entirely -inf: no token has probability");
     case Status::kCudaError:  // only the CUDA glue sees this; it names the error itself (csrc/torch/cuda/)
       TORCH_CHECK(false, "CUDA error ", st.row, " in an opdcore kernel");
   }

@@ -4,6 +4,7 @@ from opdcore.ops import (
     StreamState,
     TokenSet,
     build_token_set,
+    dense_divergence,
     linear_topk,
     logprobs_at,
     opd_topk_loss,

@@ -92,6 +92,26 @@ def renorm_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperatur
     return (p * (lp - lq)).sum(-1)
 
 
+def dense_divergence(student_logits, teacher_logits, divergence="reverse_kl", beta=0.5, temperature=1.0):
+    """Per-token forward KL(q||p), reverse KL(p||q) or JSD(beta) over the full vocabulary (0 * log 0 = 0)."""
+    lp, lq = log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
+
+    def kl(la, lb):  # sum_v a (log a - log b), with masked (a = 0) entries contributing 0
+        live = la > float("-inf")
+        la, lb = torch.where(live, la, 0), torch.where(live, lb, 0)  # no -inf - -inf, even in the backward
+        return torch.where(live, la.exp() * (la - lb), 0).sum(-1)
+
+    if divergence == "forward_kl":
+        return kl(lq, lp)
+    if divergence == "reverse_kl":
+        return kl(lp, lq)
+    dead = torch.isinf(lp) & torch.isinf(lq)  # masked on both sides: m = 0 there, and no NaN in the backward
+    lm = torch.logsumexp(torch.stack([torch.where(dead, 0, lp) + torch.log1p(torch.tensor(-beta, dtype=lp.dtype)),
+                                      torch.where(dead, 0, lq) + torch.log(torch.tensor(beta, dtype=lp.dtype))]),
+                         dim=0)
+    return beta * kl(lq, lm) + (1 - beta) * kl(lp, lm)
+
+
 def build_token_set(student_ids, teacher_ids, strategy):
     """Loop version of opdcore.build_token_set: (ids, valid) with the same column layout."""
     from opdcore.ops.token_set import canonical_strategy

@@ -106,7 +106,8 @@ inline double exp_nonpos(double x) { return std::exp(x); }
 // points (a launch or runtime failure); its row field holds the cudaError_t value instead of a row.
 struct Status {
   enum Code : int { kOk = 0, kNonFinite = 1, kAllNegInf = 2, kHeapNotFull = 3, kTargetUnseen = 4, kBadId = 5,
-              kBadStudentLogprob = 6, kBadTeacherLogprob = 7, kCudaError = 8 };
+              kBadStudentLogprob = 6, kBadTeacherLogprob = 7, kCudaError = 8,
+              kTeacherNonFinite = 9, kTeacherAllNegInf = 10 };  // the teacher's logits (dense divergences)
   Code code = kOk;
   int64_t row = -1;
   bool ok() const { return code == kOk; }

@@ -105,3 +105,15 @@ def _(padded, cu_seqlens):
                            f"{cu_seqlens.shape[0] - 1}")
     n = torch.library.get_ctx().new_dynamic_size()  # N = cu_seqlens[-1], a data-dependent size
     return padded.new_empty((n, *padded.shape[2:]))
+
+
+@lib.register_fake("opdcore::dense_divergence_fwd")
+def _(student_logits, teacher_logits, kind, beta, temperature):
+    n = student_logits.shape[0]
+    a = _acc(student_logits)
+    return tuple(student_logits.new_empty((n,), dtype=a) for _ in range(4))
+
+
+@lib.register_fake("opdcore::dense_divergence_bwd")
+def _(grad_loss, student_logits, teacher_logits, lse_s, lse_t, aux, kind, beta, temperature):
+    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)

@@ -1,0 +1,121 @@
+"""Dense divergences (forward KL, reverse KL, JSD): the kernel against reference.py on random inputs, float64
+gradcheck of the one-pass backward, and every error path."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import opdcore
+from opdcore import reference as ref
+from opdcore.ops import DIVERGENCES
+
+from helpers import DTYPES, make_logits
+
+
+def _pair(n, v, dtype, seed, masked):
+    """Student and teacher logits; masked entries (-inf) are shared, as with a common vocabulary mask."""
+    s = make_logits(n, v, torch.float64, seed, neg_inf_frac=0.2 if masked else 0.0)
+    t = make_logits(n, v, torch.float64, seed + 1) * 0.7
+    t = t.masked_fill(torch.isinf(s), float("-inf"))
+    return s.to(dtype), t.to(dtype)
+
+
+@given(n=st.integers(1, 9), v=st.integers(1, 3000), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(DIVERGENCES), beta=st.sampled_from([0.1, 0.5, 0.9]),
+       temperature=st.sampled_from([1.0, 0.6, 2.0]), masked=st.booleans(), seed=st.integers(0, 2**31))
+def test_matches_reference(n, v, dtype, kind, beta, temperature, masked, seed):
+    s, t = _pair(n, v, dtype, seed, masked)
+    got = opdcore.dense_divergence(s, t, kind, beta=beta, temperature=temperature)
+    want = ref.dense_divergence(s, t, kind, beta, temperature)
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(got, want, **tol)
+    assert bool((got >= -1e-5).all())
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradcheck(kind, masked):
+    s, t = _pair(3, 37, torch.float64, 11, masked)
+    torch.autograd.gradcheck(lambda x: opdcore.dense_divergence(x, t, kind, beta=0.3, temperature=0.8),
+                             (s.clone().requires_grad_(True),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_gradient_matches_autograd_reference(dtype, kind):
+    s, t = _pair(6, 2049, dtype, 3, True)
+    x = s.clone().requires_grad_(True)
+    w = torch.linspace(0.2, 2.0, 6)
+    (opdcore.dense_divergence(x, t, kind, beta=0.4, temperature=1.3) * w).sum().backward()
+    y = s.float().clone().requires_grad_(True)
+    (ref.dense_divergence(y, t.float(), kind, 0.4, 1.3) * w).sum().backward()
+    finite = torch.isfinite(s)
+    assert x.grad.dtype == dtype and bool((x.grad[~finite] == 0).all())
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(x.grad.float()[finite], y.grad[finite], **tol)
+
+
+def test_supports_mismatch_gives_inf_kl_but_finite_jsd():
+    s = torch.tensor([[0.0, float("-inf"), 1.0]])
+    t = torch.tensor([[0.0, 2.0, 1.0]])
+    assert torch.isinf(opdcore.dense_divergence(s, t, "forward_kl")).all()  # q has mass where p has none
+    assert torch.isfinite(opdcore.dense_divergence(s, t, "reverse_kl")).all()
+    assert torch.isinf(opdcore.dense_divergence(t, s, "reverse_kl")).all()
+    torch.testing.assert_close(opdcore.dense_divergence(s, t, "jsd", beta=0.5),
+                               ref.dense_divergence(s, t, "jsd", 0.5))
+
+
+def test_identical_distributions_give_zero():
+    x = make_logits(4, 500, torch.float32, 1)
+    for kind in DIVERGENCES:
+        torch.testing.assert_close(opdcore.dense_divergence(x, x.clone(), kind), torch.zeros(4), atol=2e-6, rtol=0)
+
+
+def test_strided_and_noncontiguous():
+    s, t = _pair(8, 700, torch.float32, 5, True)
+    want = opdcore.dense_divergence(s, t, "jsd")
+    torch.testing.assert_close(opdcore.dense_divergence(s[::2], t[::2], "jsd"), want[::2])
+    st_ = s.t().contiguous().t()  # column-strided: the glue makes it unit-stride
+    torch.testing.assert_close(opdcore.dense_divergence(st_, t, "jsd"), want)
+
+
+def test_errors():
+    s, t = _pair(3, 50, torch.float32, 0, False)
+    with pytest.raises(RuntimeError, match="vocabulary mismatch: student_logits has 50 columns but teacher_logits"):
+        opdcore.dense_divergence(s, t[:, :49])
+    with pytest.raises(RuntimeError, match="student_logits has 3 rows but teacher_logits has 2"):
+        opdcore.dense_divergence(s, t[:2])
+    with pytest.raises(RuntimeError, match="must share a dtype"):
+        opdcore.dense_divergence(s, t.double())
+    with pytest.raises(RuntimeError, match="student_logits has no rows"):
+        opdcore.dense_divergence(s[:0], t[:0])
+    with pytest.raises(RuntimeError, match="beta must lie in"):
+        opdcore.dense_divergence(s, t, "jsd", beta=1.0)
+    with pytest.raises(RuntimeError, match="temperature"):
+        opdcore.dense_divergence(s, t, temperature=0.0)
+    with pytest.raises(ValueError, match="divergence must be one of"):
+        opdcore.dense_divergence(s, t, "kl")
+    with pytest.raises(RuntimeError, match="divergence kind must be"):
+        torch.ops.opdcore.dense_divergence_fwd(s, t, 3, 0.5, 1.0)
+    bad = s.clone()
+    bad[2, 7] = float("nan")
+    bad[1, 3] = float("inf")
+    with pytest.raises(RuntimeError, match=r"student_logits contains NaN or \+inf \(row 1\)"):
+        opdcore.dense_divergence(bad, t)
+    with pytest.raises(RuntimeError, match=r"teacher_logits contains NaN or \+inf \(row 1\)"):
+        opdcore.dense_divergence(t, bad)
+    allneg = t.clone()
+    allneg[2] = float("-inf")
+    with pytest.raises(RuntimeError, match="teacher_logits row 2 is entirely -inf"):
+        opdcore.dense_divergence(s, allneg)
+    with pytest.raises(RuntimeError, match="student_logits row 2 is entirely -inf"):
+        opdcore.dense_divergence(allneg, s)
+
+
+def test_opcheck():
+    s, t = _pair(4, 90, torch.float32, 2, True)
+    for kind in range(3):
+        torch.library.opcheck(torch.ops.opdcore.dense_divergence_fwd.default,
+                              (s.clone().requires_grad_(True), t, kind, 0.3, 0.9))
+    loss, ls, lt, aux = torch.ops.opdcore.dense_divergence_fwd(s, t, 2, 0.3, 0.9)
+    torch.library.opcheck(torch.ops.opdcore.dense_divergence_bwd.default, (torch.rand(4), s, t, ls, lt, aux, 2, 0.3, 0.9))
