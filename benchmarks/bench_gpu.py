@@ -6,6 +6,8 @@ Cases (default N=8192 tokens, V=151936, k=16, bf16 logits):
   extract_linear the same from hidden [N, H] and the LM head [V, H] (opdcore.linear_topk streams the vocabulary in
                  chunks; PyTorch materialises the logits)
   loss_fwd_bwd   top-k OPD loss forward + backward to the logits (PyTorch: the reference formula through autograd)
+  dense_div      dense JSD(0.5) between student and teacher logits, forward + backward (PyTorch: TRL's GKD
+                 generalized_jsd_loss formula through autograd)
   pad / unpad    packed [N, k] float32 payloads <-> padded [B, T, k] (64 sequences of 1..2048 tokens; PyTorch:
                  index_put / advanced indexing with precomputed (sequence, position) indices)
 
@@ -20,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
 
 import opdcore
-from opdcore.ops import linear_topk, opd_topk_loss, topk_logprobs
+from opdcore.ops import dense_divergence, linear_topk, opd_topk_loss, topk_logprobs
 from opdcore.packing import from_padded, to_padded
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -134,6 +137,31 @@ def main():
     ms, peak = timed(torch_loss, reps=args.reps)
     add("loss_fwd_bwd", "torch autograd", ms, peak, 3 * N * V * esize)
     del x
+
+    # ---- dense divergence (JSD) forward + backward ---------------------------------------------------------------
+    teacher = (torch.randn(N, V, device="cuda") * 3).to(dt)
+    xs = logits.detach().clone().requires_grad_(True)
+
+    def ours_dense():
+        xs.grad = None
+        dense_divergence(xs, teacher, "jsd", beta=0.5).sum().backward()
+
+    def torch_dense():  # TRL's generalized_jsd_loss, per token
+        xs.grad = None
+        lp, lq = torch.log_softmax(xs.float(), -1), torch.log_softmax(teacher.float(), -1)
+        lm = torch.logsumexp(torch.stack([lp + math.log(0.5), lq + math.log(0.5)]), dim=0)
+        kl_t = torch.nn.functional.kl_div(lm, lq, reduction="none", log_target=True)
+        kl_s = torch.nn.functional.kl_div(lm, lp, reduction="none", log_target=True)
+        (0.5 * kl_t + 0.5 * kl_s).sum().backward()
+
+    for name, fn in (("opdcore dense_divergence", ours_dense), ("torch (TRL GKD formula)", torch_dense)):
+        try:
+            ms, peak = timed(fn, reps=args.reps)
+            add("dense_div", name, ms, peak, 7 * N * V * esize, "jsd fwd (2 passes over s, t) + bwd")
+        except torch.cuda.OutOfMemoryError:
+            add("dense_div", name, float("nan"), 0, 0, "out of memory")
+            torch.cuda.empty_cache()
+    del teacher, xs
 
     # ---- packed sequences: pad / unpad ---------------------------------------------------------------------------
     gen = torch.Generator().manual_seed(0)

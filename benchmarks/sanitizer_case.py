@@ -2,13 +2,13 @@
 
 Covers: the one-block and several-blocks-per-row paths, k = 0 / small / large tier / > kMaxTopK, unaligned and
 strided rows, bf16 / fp32 / fp64, the streaming state, the loss forward + backward (also in place), renorm_kl,
-pad / unpad of packed sequences (aligned and unaligned), and an error path (the status word).
+the dense divergences, pad / unpad of packed sequences (aligned and unaligned), and an error path (the status word).
 """
 import torch
 
 import opdcore
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear
-from opdcore.ops import renorm_topk_kl, topk_logprobs
+from opdcore.ops import dense_divergence, renorm_topk_kl, topk_logprobs
 from opdcore.packing import from_padded, to_padded
 
 assert torch.cuda.is_available() and opdcore.build_info()["cuda_compiled"]
@@ -33,6 +33,11 @@ for dt in (torch.bfloat16, torch.float32, torch.float64):
     linear_topk(h.detach(), w.detach(), 16, chunk_size=300)
     ids = torch.randint(0, 999, (7, 4), device="cuda")
     opd_topk_loss_linear(h, w, ids, -torch.rand(7, 4, device="cuda"), chunk_size=300).loss.sum().backward()
+for dt in (torch.bfloat16, torch.float32, torch.float64):
+    s_ = (torch.randn(5, 5001, device="cuda") * 2).to(dt)[:, 1:].requires_grad_(True)  # unaligned rows
+    t_ = (torch.randn(5, 5001, device="cuda") * 2).to(dt)[:, 1:]
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        dense_divergence(s_, t_, kind, beta=0.3).sum().backward()
 cu = torch.tensor([0, 3, 3, 10], dtype=torch.int32, device="cuda")
 for dt in (torch.float32, torch.bfloat16, torch.int64, torch.bool):
     flat = torch.randint(0, 2, (10 * 5 + 1,), device="cuda").to(dt)

@@ -23,6 +23,7 @@ import torch
 
 import opdcore
 import opdcore.packing
+from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
 from opdcore.ops import topk as _topk
 
@@ -33,7 +34,7 @@ DEV = "cuda" if MODE == "cuda" else "cpu"  # where the device side's tensors liv
 AVAILABLE = MODE != "cuda" or (torch.cuda.is_available() and bool(opdcore.build_info()["cuda_compiled"]))
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-_MODULES = (_topk, _loss, opdcore.packing)  # each holds `_ops = torch.ops.opdcore`
+_MODULES = (_topk, _loss, _dense, opdcore.packing)  # each holds `_ops = torch.ops.opdcore`
 _active = False
 
 
@@ -49,6 +50,7 @@ def _load_emulator() -> None:
     reg = torch.library.register_autograd
     reg("opdcore_emu::opd_topk_loss_fwd", _loss._loss_backward, setup_context=_loss._loss_setup)
     reg("opdcore_emu::renorm_kl_fwd", _loss._rkl_backward, setup_context=_loss._rkl_setup)
+    reg("opdcore_emu::dense_divergence_fwd", _dense._backward, setup_context=_dense._setup)
     pk = opdcore.packing
     reg("opdcore_emu::pad_packed", pk._pad_backward, setup_context=pk._pad_setup)
     reg("opdcore_emu::unpad_packed", pk._unpad_backward, setup_context=pk._unpad_setup)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from opdcore import reference as ref
 from opdcore.ops import StreamState, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear, topk_logprobs
 from opdcore.ops import opd_topk_loss_linear_weighted, renorm_topk_kl, renorm_topk_kl_linear
+from opdcore.ops import DIVERGENCES, dense_divergence
 from opdcore.ops.loss import WEIGHT_MODES
 from opdcore.packing import from_padded, to_padded
 
@@ -622,3 +623,41 @@ def test_pad_unpad_autograd_and_errors():
     _same_error(lambda p, c: ops().pad_packed(p, c, 3), x, cu)  # max_seqlen shorter than a sequence
     _same_error(lambda p, c: ops().pad_packed(p, c, 5), x, torch.tensor([0, 4, 3, 7], dtype=torch.int32))
     _same_error(lambda p, c: ops().unpad_packed(p, c), torch.zeros(2, 5, 4), cu)
+
+
+# ---- dense divergences -------------------------------------------------------------------------------------------
+
+
+@given(n=st.integers(1, 6), v=st.one_of(st.integers(1, 600), st.integers(4000, 9000)), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(DIVERGENCES), beta=st.sampled_from([0.2, 0.5]), temperature=st.sampled_from([1.0, 0.7]),
+       masked=st.booleans(), layout=st.sampled_from(["contig", "offset", "col_strided"]), seed=st.integers(0, 2**31))
+def test_property_dense_divergence(n, v, dtype, kind, beta, temperature, masked, layout, seed):
+    s = make_logits(n, v, dtype, seed=seed, neg_inf_frac=0.1 if masked else 0.0, ties=False)
+    t = make_logits(n, v, dtype, seed=seed + 1, neg_inf_frac=0.0, ties=False)
+    t = t.masked_fill(torch.isinf(s), float("-inf"))  # a shared vocabulary mask
+
+    def run(ss, tt):
+        xs = ss.detach().requires_grad_(True)
+        loss = dense_divergence(xs, tt, kind, beta=beta, temperature=temperature)
+        (loss * torch.linspace(0.5, 1.5, n, dtype=loss.dtype, device=loss.device)).sum().backward()
+        return loss, xs.grad
+
+    (lg, gg), (lc, gc) = on_dev(run, _layout(s, layout), _layout(t, layout)), run(s.clone(), t.clone())
+    _close(lg, lc, dtype, "loss", rtol=1e-4 if dtype != torch.float64 else 1e-10, atol=1e-5)
+    # float32: the GPU's exp is a few ulp off, so a near-zero gradient (p = q) differs by ~1e-5 of the weight
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else (
+        dict(rtol=1e-3, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4))
+    _close(gg.float(), gc.float(), dtype, "grad", **tol)
+
+
+def test_dense_divergence_errors_match_cpu():
+    s = make_logits(5, 300, torch.float32, seed=1, ties=False)
+    t = make_logits(5, 300, torch.float32, seed=2, ties=False)
+    bad = s.clone()
+    bad[3, 7] = float("nan")
+    _same_error(lambda a, b: dense_divergence(a, b, "jsd"), bad, t)
+    _same_error(lambda a, b: dense_divergence(a, b, "forward_kl"), s, bad)
+    allneg = t.clone()
+    allneg[4] = float("-inf")
+    _same_error(lambda a, b: dense_divergence(a, b), s, allneg)
+    _same_error(lambda a, b: dense_divergence(a, b), s, t[:, :299])

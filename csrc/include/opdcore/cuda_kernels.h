@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "opdcore/common.h"
+#include "opdcore/dense_div.h"
 #include "opdcore/opd_loss.h"
 #include "opdcore/topk_stream.h"
 
@@ -103,6 +104,18 @@ Status renorm_kl_forward(int64_t rows, int64_t K, const A* set_logits, const A* 
 template <typename A>
 Status renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_ratio, const A* loss,
                           const A* grad_loss, double temperature, A* grad_set_logits, const Launch& launch);
+
+// ---- dense divergences (dense_div.h) ------------------------------------------------------------------
+// The forward can reject a row (one status read, which syncs); the backward cannot.
+template <typename T>
+Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
+                                Divergence kind, double beta, double temperature, acc_t<T>* loss, acc_t<T>* lse_s,
+                                acc_t<T>* lse_t, acc_t<T>* aux, const Launch& launch);
+template <typename T>
+Status dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
+                                 Divergence kind, double beta, double temperature, const acc_t<T>* lse_s,
+                                 const acc_t<T>* lse_t, const acc_t<T>* aux, const acc_t<T>* grad_loss, T* grad,
+                                 int64_t g_rs, const Launch& launch);
 
 // ---- packed sequences (packing.h) ----------------------------------------------------------------------
 
