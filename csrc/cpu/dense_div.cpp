@@ -70,13 +70,9 @@ void accumulate(const A* y, const A* o, int64_t nb, Side<A>* side, bool with_w) 
   side->w += w;
 }
 
-// log((1 - beta) e^lp + beta e^lq) from logs (exact for tiny probabilities).
+// Probability from a log-probability (<= 0 up to rounding).
 template <typename A>
-inline A log_mix(A lp, A lq, A log_a, A log_b) {
-  const A a = lp + log_a, b = lq + log_b, hi = std::max(a, b);
-  if (hi == neg_inf<A>()) return hi;
-  return hi + std::log1p(std::exp(-std::fabs(a - b)));
-}
+inline A prob(A lp) { return exp_nonpos(lp < A(0) ? lp : A(0)); }
 
 }  // namespace
 
@@ -86,7 +82,7 @@ Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_
                                 acc_t<T>* lse_t, acc_t<T>* aux) {
   using A = acc_t<T>;
   Status status;
-  const A inv_t = A(1.0 / temperature), b = A(beta), log_a = std::log1p(-b), log_b = std::log(b);
+  const A inv_t = A(1.0 / temperature), b = A(beta);
 #pragma omp parallel
   {
     A ys[cpu::kBlock], yt[cpu::kBlock];
@@ -124,9 +120,10 @@ Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_
           A unused;
           load_block(sr + b0, nb, inv_t, ys, &unused);
           load_block(tr + b0, nb, inv_t, yt, &unused);
+#pragma omp simd reduction(+ : kl_pm, kl_qm)
           for (int64_t j = 0; j < nb; ++j) {
-            const A lp = ys[j] - ls, lq = yt[j] - lt, lm = log_mix(lp, lq, log_a, log_b);
-            const A p = exp_nonpos(std::min(lp, A(0))), q = exp_nonpos(std::min(lq, A(0)));
+            const A lp = ys[j] - ls, lq = yt[j] - lt, p = prob(lp), q = prob(lq);
+            const A lm = log_prob((1 - b) * p + b * q);  // the mixture m = (1 - beta) p + beta q
             kl_pm += p > 0 ? p * (lp - lm) : A(0);
             kl_qm += q > 0 ? q * (lq - lm) : A(0);
           }
@@ -145,7 +142,7 @@ void dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t_r
                                const acc_t<T>* lse_t, const acc_t<T>* aux, const acc_t<T>* grad_loss, T* grad,
                                int64_t g_rs) {
   using A = acc_t<T>;
-  const A inv_t = A(1.0 / temperature), b = A(beta), log_a = std::log1p(-b), log_b = std::log(b);
+  const A inv_t = A(1.0 / temperature), b = A(beta);
 #pragma omp parallel
   {
     A ys[cpu::kBlock], yt[cpu::kBlock], out[cpu::kBlock];
@@ -168,9 +165,13 @@ void dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t_r
             out[j] = p > 0 ? g * p * (lp - (yt[j] - lt) - kl) : A(0);
           }
         } else {
+#pragma omp simd
           for (int64_t j = 0; j < nb; ++j) {
-            const A lp = ys[j] - ls, p = exp_nonpos(std::min(lp, A(0)));
-            out[j] = p > 0 ? g * (1 - b) * p * (lp - log_mix(lp, yt[j] - lt, log_a, log_b) - kl) : A(0);
+            const A lp = ys[j] - ls, p = prob(lp), lm = log_prob((1 - b) * p + b * prob(yt[j] - lt));
+            // No select (it would stop the loop vectorising): masked entries have p = 0 and, once the logs are
+            // clamped to the lowest finite value, a finite factor, so they contribute 0.
+            const A low = std::numeric_limits<A>::lowest();
+            out[j] = g * (1 - b) * p * ((lp > low ? lp : low) - (lm > low ? lm : low) - kl);
           }
         }
         T* gr = grad + r * g_rs + b0;

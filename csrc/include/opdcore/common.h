@@ -102,6 +102,35 @@ inline float exp_nonpos(float x) {
 }
 inline double exp_nonpos(double x) { return std::exp(x); }
 
+// log(x) for x in [0, 1] (probabilities), vectorisable like exp_nonpos: Cephes logf (exponent split plus a
+// degree-9 polynomial, about 1 ulp for normal x); 0 gives -inf. Subnormal x (< 1.2e-38) is inaccurate, which
+// is harmless where it is used: every log here is weighted by a probability of the same size.
+inline float log_prob(float x) {
+  // Branch-free like exp_nonpos (a conditional would stop the callers' loops vectorising).
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  const float m0 = __builtin_bit_cast(float, (bits & 0x807fffff) | 0x3f000000);  // x = m0 * 2^e, m0 in [0.5, 1)
+  const float low = m0 < 0.707106781186547524f ? 1.0f : 0.0f;
+  const float fe = float(((bits >> 23) & 0xff) - 126) - low;
+  const float m = m0 + low * m0 - 1.0f;  // 2 m0 - 1 or m0 - 1
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  const float r = m + y + 0.693359375f * fe;
+  const float zero_to_neg_inf = x > 0.0f ? 0.0f : -std::numeric_limits<float>::infinity();  // a select of constants
+  return r + zero_to_neg_inf;
+}
+inline double log_prob(double x) { return std::log(x); }
+
 // Why a kernel stopped; row is the first offending row (or -1). kCudaError comes only from the CUDA entry
 // points (a launch or runtime failure); its row field holds the cudaError_t value instead of a row.
 struct Status {
