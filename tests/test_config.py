@@ -43,6 +43,9 @@ def test_yaml_then_overrides(tmp_path):
     (("data.train_path=x.jsonl",), "model.student=synthetic builds its own task"),
     (("model.student=a", "data.train_path=x.jsonl"), "must both be 'synthetic'"),
     (("loss.topk=0", "loss.renorm_kl=true"), "renorm_kl needs loss.topk > 0"),
+    (("loss.dense=kl",), "loss.dense must be one of none, forward_kl, reverse_kl, jsd"),
+    (("loss.dense=jsd", "loss.dense_beta=1.0"), r"loss.dense_beta must be in \(0, 1\)"),
+    (("loss.dense=jsd", "loss.renorm_kl=true"), "each choose the loss"),
 ])
 def test_invalid_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

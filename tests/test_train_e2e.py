@@ -39,6 +39,8 @@ def metrics(out_dir, kind="train"):
     {"loss.renorm_kl": True, "loss.strategy": "intersection", "loss.outcome_weight": 0.5},
     {"loss.outcome_weight": 1.0, "loss.fused_lm_head": False},
     {"model.dtype": "bfloat16", "model.gradient_checkpointing": True, "loss.strategy": "symmetric_difference"},
+    {"loss.dense": "jsd", "loss.dense_beta": 0.3, "loss.teacher_temperature": 0.8},
+    {"loss.dense": "reverse_kl", "loss.fused_lm_head": False, "loss.outcome_weight": 0.5},
 ])
 def test_single_process_run(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import yaml
 
 from opdcore.losses import AGGREGATIONS
-from opdcore.ops import STRATEGIES, STRATEGY_ALIASES, WEIGHT_MODES
+from opdcore.ops import DIVERGENCES, STRATEGIES, STRATEGY_ALIASES, WEIGHT_MODES
 
 
 @dataclass
@@ -60,6 +60,8 @@ class LossConfig:
     log_ratio_clip: float = 0.0  # 0: off
     aggregation: str = "token-mean"
     renorm_kl: bool = False  # exact renormalised top-k reverse KL (METHOD.md 2.4)
+    dense: str = "none"  # none | forward_kl | reverse_kl | jsd: full-vocabulary divergence (METHOD.md 2.5)
+    dense_beta: float = 0.5  # the JSD's beta (TRL's convention), in (0, 1)
     teacher_temperature: float = 1.0
     outcome_weight: float = 0.0  # hybrid (METHOD.md 2.6): + w * GRPO-normalised verifiable reward
     fused_lm_head: bool = True  # loss on hidden states + LM head, never [tokens, vocab] logits
@@ -119,6 +121,7 @@ CHOICES = {
     "loss.strategy": STRATEGIES + tuple(STRATEGY_ALIASES),
     "loss.weight_mode": ("auto",) + WEIGHT_MODES,
     "loss.aggregation": AGGREGATIONS,
+    "loss.dense": ("none",) + DIVERGENCES,
     "optim.schedule": ("constant", "cosine", "linear"),
 }
 
@@ -135,6 +138,7 @@ RANGES = [
     ("loss.log_ratio_clip", lambda v: v >= 0, ">= 0"),
     ("loss.teacher_temperature", lambda v: v > 0, "> 0"),
     ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
+    ("loss.dense_beta", lambda v: 0 < v < 1, "in (0, 1)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
@@ -257,6 +261,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.student and model.teacher must both be 'synthetic' or both be real models")
     if cfg.loss.renorm_kl and cfg.loss.topk == 0:
         raise ConfigError("loss.renorm_kl needs loss.topk > 0")
+    if cfg.loss.renorm_kl and cfg.loss.dense != "none":
+        raise ConfigError("loss.renorm_kl and loss.dense each choose the loss: set one of them")
     return cfg
 
 

@@ -214,7 +214,7 @@ class Trainer:
             advantages = S.grpo_advantages([r.prompt_index for r in rollouts], correct)
         with timer("update"):
             upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params,
-                           S.outcome_terms(mbs, scored, advantages))
+                           S.outcome_terms(mbs, scored, advantages), teacher=self.teacher)
         with timer("sync"):
             self.sync_engine()
         self.step += 1

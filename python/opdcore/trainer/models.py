@@ -56,7 +56,8 @@ def _fused_head_supported(model) -> bool:
 
 class OPDModel(nn.Module):
     """A causal LM whose forward returns per-response-token results computed from its hidden states:
-    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" the loss summed with token_weights.
+    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "dense" the loss summed with
+    token_weights, mode "logits" the [R, V] logits (the teacher's, for the dense divergences).
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
     (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
@@ -81,6 +82,8 @@ class OPDModel(nn.Module):
             return self._from_logits(logits, mode, **kw)
         h = self._hidden(input_ids, attention_mask, pred_index)
         w = self.hf.get_output_embeddings().weight[:self.vocab]
+        if mode in ("logits", "dense"):  # the full-vocabulary divergences need [R, V] logits on both sides
+            return self._from_logits(h @ w.T, mode, **kw)
         if mode == "score":
             return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
         if mode == "loss":  # the gradient is formed in the forward: three head matmuls instead of four
@@ -103,6 +106,8 @@ class OPDModel(nn.Module):
         return loss
 
     def _from_logits(self, logits, mode, **kw):
+        if mode == "logits":
+            return logits
         if mode == "score":
             with torch.no_grad():
                 top = opdcore.topk_logprobs(logits, max(kw["k"], 1), kw["temperature"])
@@ -116,6 +121,9 @@ class OPDModel(nn.Module):
         elif mode == "renorm_kl":
             per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                                temperature=kw["temperature"])
+        elif mode == "dense":
+            per_token = opdcore.dense_divergence(logits, kw["teacher_logits"], kw["divergence"], beta=kw["beta"],
+                                                 temperature=kw["temperature"])
         else:
             raise ValueError(f"unknown mode {mode!r}")
         if kw.get("outcome") is not None:
