@@ -1,7 +1,8 @@
 // CUDA dense divergences (forward KL, reverse KL, generalised JSD) between student and teacher logits: the twin
 // of csrc/cpu/dense_div.cpp. Forward: one 256-thread block per row, an online (max, sum exp, weighted sum) per
 // side and thread, merged by warp shuffles and across warps; the JSD takes a second pass once both normalisers
-// are known. Backward: one thread per element over (row, column block) tiles. Coalesced scalar loads.
+// are known. Backward: (row, column block) tiles. Both read 16-byte vectors of the two rows where they share an
+// alignment offset (for_each_pair), coalesced scalars otherwise.
 #include "launch.cuh"
 #include "opdcore/dense_div.h"
 
@@ -55,6 +56,34 @@ __device__ __forceinline__ A log_mix(A lp, A lq, A log_a, A log_b) {
   return hi + acc_log1p(acc_exp(amin(a - b, b - a)));  // log1p(exp(-|a - b|))
 }
 
+// f(s value, t value, column) for every column of [c0, c1) this thread owns: 16-byte vector loads of both rows
+// when they share their offset from a 16-byte boundary (a scalar head reaches it, a scalar tail ends), else
+// coalesced scalar loads.
+template <typename T, typename A, typename F>
+__device__ __forceinline__ void for_each_pair(const T* s, const T* t, int64_t c0, int64_t c1, F f) {
+  constexpr int W = Vec<T>::W;
+  using U = typename std::conditional<sizeof(T) == 2, float, A>::type;
+  const int tid = threadIdx.x;
+  const uintptr_t as = reinterpret_cast<uintptr_t>(s + c0), at = reinterpret_cast<uintptr_t>(t + c0);
+  if ((as & 15) != (at & 15)) {
+    for (int64_t j = c0 + tid; j < c1; j += kThreads) f(A(to_acc(s[j])), A(to_acc(t[j])), j);
+    return;
+  }
+  const int64_t len = c1 - c0, head = min(len, int64_t(((16 - (as & 15)) & 15) / sizeof(T)));
+  const int64_t nvec = (len - head) / W, vbase = c0 + head;
+  const uint4* sv = reinterpret_cast<const uint4*>(s + vbase);
+  const uint4* tv = reinterpret_cast<const uint4*>(t + vbase);
+  for (int64_t vi = tid; vi < nvec; vi += kThreads) {
+    U ys[W], yt[W];
+    Vec<T>::unpack(sv[vi], ys);
+    Vec<T>::unpack(tv[vi], yt);
+#pragma unroll
+    for (int i = 0; i < W; ++i) f(A(ys[i]), A(yt[i]), vbase + vi * W + i);
+  }
+  if (tid < head) f(A(to_acc(s[c0 + tid])), A(to_acc(t[c0 + tid])), c0 + tid);
+  for (int64_t j = vbase + nvec * W + tid; j < c1; j += kThreads) f(A(to_acc(s[j])), A(to_acc(t[j])), j);
+}
+
 template <typename A>
 struct DenseArgs {
   int64_t V, s_rs, t_rs;
@@ -75,13 +104,13 @@ __global__ void __launch_bounds__(kThreads)
   const A pinf = pos_inf<A>();
   Online<A> ps, pt;
   bool bad_s = false, bad_t = false;
-  for (int64_t j = tid; j < a.V; j += kThreads) {
-    const A ys = scale(A(to_acc(sr[j])), a.inv_t), yt = scale(A(to_acc(tr[j])), a.inv_t);
+  for_each_pair<T, A>(sr, tr, 0, a.V, [&](A xs, A xt, int64_t) {
+    const A ys = scale(xs, a.inv_t), yt = scale(xt, a.inv_t);
     bad_s |= !(ys < pinf);
     bad_t |= !(yt < pinf);
     ps.add(ys, yt, a.kind == Divergence::kReverseKL);
     pt.add(yt, ys, a.kind == Divergence::kForwardKL);
-  }
+  });
   if (__syncthreads_or(bad_s)) {
     if (tid == 0) record_status(status, Status::kNonFinite, r);
     return;
@@ -130,13 +159,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   // JSD: the mixture needs both normalisers, so a second pass
   A kl_pm = 0, kl_qm = 0;
-  for (int64_t j = tid; j < a.V; j += kThreads) {
-    const A lp = scale(A(to_acc(sr[j])), a.inv_t) - ls, lq = scale(A(to_acc(tr[j])), a.inv_t) - lt;
+  for_each_pair<T, A>(sr, tr, 0, a.V, [&](A xs, A xt, int64_t) {
+    const A lp = scale(xs, a.inv_t) - ls, lq = scale(xt, a.inv_t) - lt;
     const A lm = log_mix(lp, lq, a.log_a, a.log_b);
     const A p = fast_exp(amin(lp, A(0))), q = fast_exp(amin(lq, A(0)));
     if (p > 0) kl_pm += p * (lp - lm);
     if (q > 0) kl_qm += q * (lq - lm);
-  }
+  });
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     kl_pm += __shfl_xor_sync(kFullMask, kl_pm, o);
@@ -168,15 +197,15 @@ __global__ void __launch_bounds__(kThreads)
   const T* sr = s + r * a.s_rs;
   const T* tr = t + r * a.t_rs;
   T* gr = grad + r * g_rs;
-  for (int64_t j = c0 + threadIdx.x; j < c1; j += kThreads) {
-    const A lp = scale(A(to_acc(sr[j])), a.inv_t) - ls, lq = scale(A(to_acc(tr[j])), a.inv_t) - lt;
+  for_each_pair<T, A>(sr, tr, c0, c1, [&](A xs, A xt, int64_t j) {
+    const A lp = scale(xs, a.inv_t) - ls, lq = scale(xt, a.inv_t) - lt;
     const A p = fast_exp(amin(lp, A(0)));
     A v;
     if (a.kind == Divergence::kForwardKL) v = g * (p - fast_exp(amin(lq, A(0))));
     else if (a.kind == Divergence::kReverseKL) v = p > 0 ? g * p * (lp - lq - kl) : A(0);
     else v = p > 0 ? g * (1 - a.beta) * p * (lp - log_mix(lp, lq, a.log_a, a.log_b) - kl) : A(0);
     from_acc(v, gr + j);
-  }
+  });
 }
 
 }  // namespace dev
