@@ -119,3 +119,37 @@ def test_opcheck():
                               (s.clone().requires_grad_(True), t, kind, 0.3, 0.9))
     loss, ls, lt, aux = torch.ops.opdcore.dense_divergence_fwd(s, t, 2, 0.3, 0.9)
     torch.library.opcheck(torch.ops.opdcore.dense_divergence_bwd.default, (torch.rand(4), s, t, ls, lt, aux, 2, 0.3, 0.9))
+
+
+@given(n=st.integers(1, 12), v=st.integers(2, 300), h=st.integers(1, 12), ht=st.integers(1, 12),
+       block=st.integers(1, 2000), kind=st.sampled_from(DIVERGENCES), scale=st.sampled_from([1.0, 1.25]),
+       seed=st.integers(0, 2**31))
+def test_linear_weighted_matches_unfused(n, v, h, ht, block, kind, scale, seed):
+    """The fused row-block version (gradient formed in the forward) equals the unfused op through autograd."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    xt, wt = torch.randn(n, ht, generator=g, dtype=torch.float64), torch.randn(v, ht, generator=g, dtype=torch.float64)
+    tw = torch.rand(n, generator=g, dtype=torch.float64)
+    total, per = opdcore.ops.dense_divergence_linear_weighted(x, w, xt, wt, tw, kind, beta=0.3, temperature=0.9,
+                                                              teacher_logit_scale=scale, max_block_elements=block)
+    got = torch.autograd.grad(2.0 * total, (x, w))
+    ref_per = opdcore.dense_divergence(x @ w.T, (xt @ wt.T) * scale, kind, beta=0.3, temperature=0.9)
+    want = torch.autograd.grad(2.0 * (ref_per * tw).sum(), (x, w))
+    torch.testing.assert_close(per, ref_per.detach(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_linear_weighted_errors():
+    x, w = torch.randn(4, 8), torch.randn(30, 8)
+    tw = torch.ones(4)
+    f = opdcore.ops.dense_divergence_linear_weighted
+    with pytest.raises(ValueError, match="vocabulary mismatch: weight has 30 rows but teacher_weight has 29"):
+        f(x, w, torch.randn(4, 5), torch.randn(29, 5), tw)
+    with pytest.raises(ValueError, match="teacher_hidden has 3 rows but hidden has 4"):
+        f(x, w, torch.randn(3, 5), torch.randn(30, 5), tw)
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        f(x, torch.randn(30, 7), torch.randn(4, 5), torch.randn(30, 5), tw)
+    with pytest.raises(ValueError, match="token_weights must be a floating"):
+        f(x, w, torch.randn(4, 5), torch.randn(30, 5), torch.ones(4, dtype=torch.long))

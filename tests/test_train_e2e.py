@@ -100,11 +100,12 @@ def test_vocab_mismatch_is_an_error_before_training(tiny, tmp_path):
     assert r.returncode != 0 and "tokenizers differ" in r.stderr
 
 
-def test_torchrun_two_processes(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"loss.dense": "jsd"}])  # dense: the sharded teacher hands over logits
+def test_torchrun_two_processes(tiny, tmp_path, extra):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517", TRAIN,
-           *overrides(tiny, out, **{"train.steps": 2, "model.teacher_sharding": "fsdp"})]
+           *overrides(tiny, out, **{"train.steps": 2, "model.teacher_sharding": "fsdp", **extra})]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = metrics(out)

@@ -1,7 +1,7 @@
 """The public kernel API: Python functions over torch.ops.opdcore.*, usable from any trainer."""
 from opdcore import _native  # noqa: F401  (loads the extension, registering the ops)
 from opdcore.ops import _fake  # noqa: F401
-from opdcore.ops.dense import DIVERGENCES, dense_divergence
+from opdcore.ops.dense import DIVERGENCES, dense_divergence, dense_divergence_linear_weighted
 from opdcore.ops.loss import (
     WEIGHT_MODES,
     OPDLoss,

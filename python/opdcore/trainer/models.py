@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import opdcore
-from opdcore.ops import opd_topk_loss_linear_weighted, renorm_topk_kl_linear
+from opdcore.ops import dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, renorm_topk_kl_linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -57,7 +57,8 @@ def _fused_head_supported(model) -> bool:
 class OPDModel(nn.Module):
     """A causal LM whose forward returns per-response-token results computed from its hidden states:
     mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "dense" the loss summed with
-    token_weights, mode "logits" the [R, V] logits (the teacher's, for the dense divergences).
+    token_weights, mode "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H])
+    with the fused head, else ([R, V] logits, None).
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
     (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
@@ -82,7 +83,10 @@ class OPDModel(nn.Module):
             return self._from_logits(logits, mode, **kw)
         h = self._hidden(input_ids, attention_mask, pred_index)
         w = self.hf.get_output_embeddings().weight[:self.vocab]
-        if mode in ("logits", "dense"):  # the full-vocabulary divergences need [R, V] logits on both sides
+        if mode == "head":
+            # FSDP frees the gathered LM head when forward returns: a sharded model hands over its logits instead
+            return (h @ w.T, None) if _is_fsdp(self) else (h, w)
+        if mode == "dense" and kw["teacher_head"][1] is None:  # the teacher gave logits: form the student's too
             return self._from_logits(h @ w.T, mode, **kw)
         if mode == "score":
             return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
@@ -94,6 +98,11 @@ class OPDModel(nn.Module):
         elif mode == "renorm_kl":
             loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
+        elif mode == "dense":  # one [rows, V] block of each model's logits at a time, gradient in the forward
+            t_h, t_w = kw["teacher_head"]
+            loss = dense_divergence_linear_weighted(h, w, t_h, t_w, kw["token_weights"], kw["divergence"],
+                                                    beta=kw["beta"], temperature=kw["temperature"],
+                                                    teacher_logit_scale=kw["teacher_scale"])[0]
         else:
             raise ValueError(f"unknown mode {mode!r}")
         if kw.get("outcome") is not None:
@@ -106,8 +115,8 @@ class OPDModel(nn.Module):
         return loss
 
     def _from_logits(self, logits, mode, **kw):
-        if mode == "logits":
-            return logits
+        if mode == "head":
+            return logits, None
         if mode == "score":
             with torch.no_grad():
                 top = opdcore.topk_logprobs(logits, max(kw["k"], 1), kw["temperature"])
@@ -122,8 +131,10 @@ class OPDModel(nn.Module):
             per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                                temperature=kw["temperature"])
         elif mode == "dense":
-            per_token = opdcore.dense_divergence(logits, kw["teacher_logits"], kw["divergence"], beta=kw["beta"],
-                                                 temperature=kw["temperature"])
+            t_x, t_w = kw["teacher_head"]
+            t_logits = (t_x if t_w is None else t_x @ t_w.T) * kw["teacher_scale"]
+            per_token = opdcore.dense_divergence(logits, t_logits.to(logits.dtype), kw["divergence"],
+                                                 beta=kw["beta"], temperature=kw["temperature"])
         else:
             raise ValueError(f"unknown mode {mode!r}")
         if kw.get("outcome") is not None:
@@ -140,6 +151,12 @@ def decoder_layers(hf_model: nn.Module):
     if not layers:
         raise ValueError(f"cannot find the decoder layers of {type(hf_model).__name__} for FSDP sharding")
     return layers
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def shard(model: OPDModel) -> OPDModel:

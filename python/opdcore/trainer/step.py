@@ -97,19 +97,21 @@ def outcome_terms(mbs: List[Optional[MicroBatch]], scored, advantages: Optional[
             for mb, sc in zip(mbs, scored)]
 
 
-def _teacher_logits(teacher, mb: MicroBatch, cfg: Config) -> torch.Tensor:
-    """The teacher's [R, V] logits, rescaled so that softmax(. / rollout temperature) is its distribution at
+def _dense_terms(teacher, mb: MicroBatch, cfg: Config) -> dict:
+    """What the student's "dense" loss needs of the teacher: its hidden states and LM head (or its logits), and
+    the factor that makes softmax(teacher logits * factor / rollout temperature) its distribution at
     loss.teacher_temperature (the dense divergences take one temperature for both sides)."""
     with torch.no_grad():
-        logits = teacher(mb.input_ids, mb.attention_mask, mb.pred_index, "logits")
-        return logits * (cfg.rollout.temperature / cfg.loss.teacher_temperature)
+        head = teacher(mb.input_ids, mb.attention_mask, mb.pred_index, "head")
+    return dict(teacher_head=head, teacher_scale=cfg.rollout.temperature / cfg.loss.teacher_temperature,
+                divergence=cfg.loss.dense, beta=cfg.loss.dense_beta)
 
 
 def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config,
            params, outcome=None, teacher=None) -> Dict[str, float]:
     """Gradient accumulation over the micro-batches, grad clip, and the optimizer step (skipped when the
-    gradient norm is not finite). With loss.dense the teacher runs again per micro-batch for its full logits
-    (never stored for the whole batch)."""
+    gradient norm is not finite). With loss.dense the teacher runs again per micro-batch (its hidden states
+    are never stored for the whole batch)."""
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     real = [i for i, mb in enumerate(mbs) if mb is not None]
@@ -118,8 +120,7 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
         mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
         mode_name = "dense" if cfg.loss.dense != "none" else ("renorm_kl" if cfg.loss.renorm_kl else "loss")
-        dense = dict(teacher_logits=_teacher_logits(teacher, mb, cfg), divergence=cfg.loss.dense,
-                     beta=cfg.loss.dense_beta) if mode_name == "dense" else {}
+        dense = _dense_terms(teacher, mb, cfg) if mode_name == "dense" else {}
         loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids, teacher_logprobs=tq,
                        valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
                        log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
