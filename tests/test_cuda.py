@@ -664,3 +664,16 @@ def test_dense_divergence_errors_match_cpu():
     allneg[4] = float("-inf")
     _same_error(lambda a, b: dense_divergence(a, b), s, allneg)
     _same_error(lambda a, b: dense_divergence(a, b), s, t[:, :299])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_divergence_known_normalisers(dtype):
+    """The vocabulary-parallel building block: a column range's share of the sums under given log-sum-exps."""
+    s = make_logits(5, 3001, dtype, seed=4, ties=False)
+    t = make_logits(5, 3001, dtype, seed=5, ties=False)
+    _, ls, lt, _ = ops().dense_divergence_fwd(s, t, 2, 0.3, 1.0)  # CPU normalisers for both sides
+    for kind in range(3):
+        g, c = both(lambda a, b, x, y: ops().dense_divergence_fwd(a[:, 7:2000], b[:, 7:2000], kind, 0.3, 1.0, x, y),
+                    s, t, ls, lt)
+        _close(g[0], c[0], dtype, f"share of the loss ({kind})", rtol=1e-4, atol=1e-5)
+        _close(g[3], c[3], dtype, f"share of aux ({kind})", rtol=1e-4, atol=1e-5)

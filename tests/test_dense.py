@@ -153,3 +153,31 @@ def test_linear_weighted_errors():
         f(x, torch.randn(30, 7), torch.randn(4, 5), torch.randn(30, 5), tw)
     with pytest.raises(ValueError, match="token_weights must be a floating"):
         f(x, w, torch.randn(4, 5), torch.randn(30, 5), torch.ones(4, dtype=torch.long))
+
+
+@given(n=st.integers(1, 6), v=st.integers(2, 2500), cut=st.floats(0.05, 0.95), dtype=st.sampled_from(DTYPES),
+       kind=st.sampled_from(DIVERGENCES), masked=st.booleans(), seed=st.integers(0, 2**31))
+def test_known_normalisers_give_shares_that_add_up(n, v, cut, dtype, kind, masked, seed):
+    """With the full rows' log-sum-exps given, each column range returns its share of loss and aux."""
+    s, t = _pair(n, v, dtype, seed, masked)
+    loss, ls, lt, aux = torch.ops.opdcore.dense_divergence_fwd(s, t, DIVERGENCES.index(kind), 0.3, 0.9)
+    c = max(1, min(v - 1, int(cut * v)))
+    parts = [torch.ops.opdcore.dense_divergence_fwd(s[:, a:b], t[:, a:b], DIVERGENCES.index(kind), 0.3, 0.9, ls, lt)
+             for a, b in ((0, c), (c, v))]
+    tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(parts[0][0] + parts[1][0], loss, **tol)
+    torch.testing.assert_close(parts[0][3] + parts[1][3], aux, **tol)
+    assert torch.equal(parts[0][1], ls) and torch.equal(parts[1][2], lt)
+
+
+def test_known_normalisers_errors():
+    s, t = _pair(3, 40, torch.float32, 0, False)
+    _, ls, lt, _ = torch.ops.opdcore.dense_divergence_fwd(s, t, 1, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match="lse_s and lse_t must be given together"):
+        torch.ops.opdcore.dense_divergence_fwd(s, t, 1, 0.5, 1.0, ls, None)
+    with pytest.raises(RuntimeError, match=r"lse_s and lse_t must be \[3\] Float"):
+        torch.ops.opdcore.dense_divergence_fwd(s, t, 1, 0.5, 1.0, ls.double(), lt.double())
+    bad = s.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match=r"student_logits contains NaN or \+inf \(row 1\)"):
+        torch.ops.opdcore.dense_divergence_fwd(bad, t, 1, 0.5, 1.0, ls, lt)

@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from opdcore.ops import linear_topk, logprobs_at, opd_topk_loss, renorm_topk_kl, topk_logprobs
-from opdcore.parallel import (shard_range, vocab_parallel_linear_topk, vocab_parallel_opd_topk_loss,
-                              vocab_parallel_renorm_topk_kl, vocab_parallel_topk_logprobs)
+from opdcore.ops import dense_divergence, linear_topk, logprobs_at, opd_topk_loss, renorm_topk_kl, topk_logprobs
+from opdcore.parallel import (shard_range, vocab_parallel_dense_divergence, vocab_parallel_linear_topk,
+                              vocab_parallel_opd_topk_loss, vocab_parallel_renorm_topk_kl,
+                              vocab_parallel_topk_logprobs)
 
 
 def _spawn(fn, world, tmp_path):
@@ -92,6 +93,22 @@ def _matches_single_process(rank, world):
                "renorm kl")
         _close(xs.grad.double(), xf.grad[:, off:off + size].double(), dtype, "renorm kl gradient of the shard")
 
+        teacher = _logits(n, v, dtype, seed=9)
+        mask = torch.isinf(x) | torch.isinf(teacher)  # one vocabulary mask for both (finite KLs)
+        mask[3, : v // 2] = True  # a row whose first ranks' shards are all -inf
+        teacher, xd = teacher.masked_fill(mask, float("-inf")), x.masked_fill(mask, float("-inf"))
+        for kind in ("forward_kl", "reverse_kl", "jsd"):
+            xs = xd[:, off:off + size].clone().requires_grad_(True)
+            got = vocab_parallel_dense_divergence(xs, teacher[:, off:off + size], kind, beta=0.3, temperature=0.9)
+            (got * w.to(got.dtype)).sum().backward()
+            xf = xd.clone().requires_grad_(True)
+            want = dense_divergence(xf, teacher, kind, beta=0.3, temperature=0.9)
+            (want * w.to(want.dtype)).sum().backward()
+            tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+            torch.testing.assert_close(got, want.detach(), msg=lambda m: f"dense {kind}: {m}", **tol)
+            torch.testing.assert_close(xs.grad.double(), xf.grad[:, off:off + size].double(),
+                                       msg=lambda m: f"dense {kind} gradient of the shard: {m}", **tol)
+
     g = torch.Generator().manual_seed(8)  # the same full inputs on every rank
     h = torch.randn(9, 16, generator=g, dtype=torch.float64)
     wt = torch.randn(v, 16, generator=g, dtype=torch.float64)
@@ -129,6 +146,14 @@ def _errors_on_every_rank(rank, world):
     tq_bad[1, 0] = float("nan")
     with pytest.raises(RuntimeError, match="teacher"):
         vocab_parallel_opd_topk_loss(x[:, off:off + size], ids, tq_bad, valid)
+    t_bad = x.clone()
+    t_bad[0, 0] = float("inf")  # in rank 0's shard
+    with pytest.raises(RuntimeError, match=r"rank 0: RuntimeError: teacher_shard: .*NaN or \+inf \(row 0\)"):
+        vocab_parallel_dense_divergence(x[:, off:off + size], t_bad[:, off:off + size], "jsd")
+    dead = x.clone()
+    dead[1] = float("-inf")
+    with pytest.raises(RuntimeError, match="student logits row 1 is entirely -inf over the whole vocabulary"):
+        vocab_parallel_dense_divergence(dead[:, off:off + size], x[:, off:off + size])
     # the process group is still usable afterwards
     got = vocab_parallel_topk_logprobs(x[:, off:off + size], 4)
     assert torch.equal(got.ids, topk_logprobs(x, 4).ids)

@@ -74,15 +74,58 @@ void accumulate(const A* y, const A* o, int64_t nb, Side<A>* side, bool with_w) 
 template <typename A>
 inline A prob(A lp) { return exp_nonpos(lp < A(0) ? lp : A(0)); }
 
+// The sums over one row's columns with known normalisers ls, lt: (loss, aux) as the header defines them, or
+// the code of a NaN / +inf logit. The JSD's only pass after the normalisers, and all of a shard's work when the
+// normalisers are the global ones (vocabulary parallelism).
+template <typename T, typename A>
+Status::Code known_lse_sums(const T* sr, const T* tr, int64_t V, A inv_t, Divergence kind, A b, A ls, A lt, A* ys,
+                            A* yt, A* loss, A* aux) {
+  A kl_pm = 0, kl_qm = 0;  // KL(p||m), KL(q||m); for the KLs: KL(p||q) in kl_pm, KL(q||p) in kl_qm
+  for (int64_t b0 = 0; b0 < V; b0 += cpu::kBlock) {
+    const int64_t nb = std::min(cpu::kBlock, V - b0);
+    A unused;
+    if (!load_block(sr + b0, nb, inv_t, ys, &unused)) return Status::kNonFinite;
+    if (!load_block(tr + b0, nb, inv_t, yt, &unused)) return Status::kTeacherNonFinite;
+    if (kind == Divergence::kJSD) {
+#pragma omp simd reduction(+ : kl_pm, kl_qm)
+      for (int64_t j = 0; j < nb; ++j) {
+        const A lp = ys[j] - ls, lq = yt[j] - lt, p = prob(lp), q = prob(lq);
+        const A lm = log_prob((1 - b) * p + b * q);  // the mixture m = (1 - beta) p + beta q
+        kl_pm += p > 0 ? p * (lp - lm) : A(0);
+        kl_qm += q > 0 ? q * (lq - lm) : A(0);
+      }
+    } else {
+#pragma omp simd reduction(+ : kl_pm, kl_qm)
+      for (int64_t j = 0; j < nb; ++j) {
+        const A lp = ys[j] - ls, lq = yt[j] - lt, p = prob(lp), q = prob(lq);
+        kl_pm += p > 0 ? p * (lp - lq) : A(0);
+        kl_qm += q > 0 ? q * (lq - lp) : A(0);
+      }
+    }
+  }
+  if (kind == Divergence::kJSD) {
+    *loss = b * kl_qm + (1 - b) * kl_pm;
+    *aux = kl_pm;
+  } else if (kind == Divergence::kReverseKL) {
+    *loss = *aux = kl_pm;
+  } else {
+    *loss = kl_qm;
+    *aux = 0;
+  }
+  return Status::kOk;
+}
+
 }  // namespace
 
 template <typename T>
 Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
                                 Divergence kind, double beta, double temperature, acc_t<T>* loss, acc_t<T>* lse_s,
-                                acc_t<T>* lse_t, acc_t<T>* aux) {
+                                acc_t<T>* lse_t, acc_t<T>* aux, const acc_t<T>* given_lse_s,
+                                const acc_t<T>* given_lse_t) {
   using A = acc_t<T>;
   Status status;
   const A inv_t = A(1.0 / temperature), b = A(beta);
+  const bool given = given_lse_s != nullptr;
 #pragma omp parallel
   {
     A ys[cpu::kBlock], yt[cpu::kBlock];
@@ -90,8 +133,15 @@ Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_
     for (int64_t r = 0; r < rows; ++r) {
       const T* sr = s + r * s_rs;
       const T* tr = t + r * t_rs;
-      Side<A> ps, pt;  // w: reverse KL sum_j p_j (ys - yt) on the student side, forward KL on the teacher side
       Status::Code code = Status::kOk;
+      if (given) {
+        lse_s[r] = given_lse_s[r];
+        lse_t[r] = given_lse_t[r];
+        code = known_lse_sums(sr, tr, V, inv_t, kind, b, lse_s[r], lse_t[r], ys, yt, loss + r, aux + r);
+        if (code != Status::kOk) cpu::record_failure(&status, code, r);
+        continue;
+      }
+      Side<A> ps, pt;  // w: reverse KL sum_j p_j (ys - yt) on the student side, forward KL on the teacher side
       for (int64_t b0 = 0; b0 < V && code == Status::kOk; b0 += cpu::kBlock) {
         const int64_t nb = std::min(cpu::kBlock, V - b0);
         A ms, mt;
@@ -113,23 +163,8 @@ Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_
         aux[r] = 0;
       } else if (kind == Divergence::kReverseKL) {
         loss[r] = aux[r] = ps.w / ps.s - ls + lt;
-      } else {  // second pass: the mixture needs both normalisers
-        A kl_pm = 0, kl_qm = 0;
-        for (int64_t b0 = 0; b0 < V; b0 += cpu::kBlock) {
-          const int64_t nb = std::min(cpu::kBlock, V - b0);
-          A unused;
-          load_block(sr + b0, nb, inv_t, ys, &unused);
-          load_block(tr + b0, nb, inv_t, yt, &unused);
-#pragma omp simd reduction(+ : kl_pm, kl_qm)
-          for (int64_t j = 0; j < nb; ++j) {
-            const A lp = ys[j] - ls, lq = yt[j] - lt, p = prob(lp), q = prob(lq);
-            const A lm = log_prob((1 - b) * p + b * q);  // the mixture m = (1 - beta) p + beta q
-            kl_pm += p > 0 ? p * (lp - lm) : A(0);
-            kl_qm += q > 0 ? q * (lq - lm) : A(0);
-          }
-        }
-        loss[r] = b * kl_qm + (1 - b) * kl_pm;
-        aux[r] = kl_pm;
+      } else {  // the mixture needs both normalisers: a second pass
+        known_lse_sums(sr, tr, V, inv_t, kind, b, ls, lt, ys, yt, loss + r, aux + r);
       }
     }
   }
@@ -183,7 +218,8 @@ void dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t_r
 
 #define OPDCORE_DENSE_DIV(T)                                                                                   \
   template Status dense_divergence_forward<T>(const T*, int64_t, const T*, int64_t, int64_t, int64_t, Divergence, \
-                                              double, double, acc_t<T>*, acc_t<T>*, acc_t<T>*, acc_t<T>*);       \
+                                              double, double, acc_t<T>*, acc_t<T>*, acc_t<T>*, acc_t<T>*,         \
+                                              const acc_t<T>*, const acc_t<T>*);                                  \
   template void dense_divergence_backward<T>(const T*, int64_t, const T*, int64_t, int64_t, int64_t, Divergence, \
                                              double, double, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*,  \
                                              const acc_t<T>*, T*, int64_t);

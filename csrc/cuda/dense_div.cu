@@ -91,16 +91,72 @@ struct DenseArgs {
   A inv_t, beta, log_a, log_b;
 };
 
+// (loss, aux) from this row's columns once the normalisers ls, lt are known: the JSD's second pass, and the
+// whole work of a shard given the global normalisers. Block-collective; thread 0 writes. Returns false (after
+// recording the status) on a NaN / +inf logit, which only the given-normaliser case can still meet.
+template <typename T, typename A>
+__device__ void known_lse_sums(const T* sr, const T* tr, const DenseArgs<A>& a, int64_t r, A ls, A lt, A* loss,
+                               A* lse_s, A* lse_t, A* aux, A (*red)[kWarps], unsigned long long* status) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const A pinf = pos_inf<A>();
+  A kl_pm = 0, kl_qm = 0;  // KL(p||m), KL(q||m); for the KLs: KL(p||q) in kl_pm, KL(q||p) in kl_qm
+  bool bad_s = false, bad_t = false;
+  for_each_pair<T, A>(sr, tr, 0, a.V, [&](A xs, A xt, int64_t) {
+    const A ys = scale(xs, a.inv_t), yt = scale(xt, a.inv_t);
+    bad_s |= !(ys < pinf);
+    bad_t |= !(yt < pinf);
+    const A lp = ys - ls, lq = yt - lt;
+    const A p = fast_exp(amin(lp, A(0))), q = fast_exp(amin(lq, A(0)));
+    if (a.kind == Divergence::kJSD) {
+      const A lm = log_mix(lp, lq, a.log_a, a.log_b);
+      if (p > 0) kl_pm += p * (lp - lm);
+      if (q > 0) kl_qm += q * (lq - lm);
+    } else {
+      if (p > 0) kl_pm += p * (lp - lq);
+      if (q > 0) kl_qm += q * (lq - lp);
+    }
+  });
+  if (__syncthreads_or(bad_s)) {
+    if (tid == 0) record_status(status, Status::kNonFinite, r);
+    return;
+  }
+  if (__syncthreads_or(bad_t)) {
+    if (tid == 0) record_status(status, Status::kTeacherNonFinite, r);
+    return;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    kl_pm += __shfl_xor_sync(kFullMask, kl_pm, o);
+    kl_qm += __shfl_xor_sync(kFullMask, kl_qm, o);
+  }
+  if (lane == 0) { red[0][warp] = kl_pm; red[1][warp] = kl_qm; }
+  __syncthreads();
+  if (tid == 0) {
+    A pm = 0, qm = 0;
+    for (int w = 0; w < kWarps; ++w) { pm += red[0][w]; qm += red[1][w]; }
+    lse_s[r] = ls;
+    lse_t[r] = lt;
+    if (a.kind == Divergence::kJSD) { loss[r] = a.beta * qm + (1 - a.beta) * pm; aux[r] = pm; }
+    else if (a.kind == Divergence::kReverseKL) { loss[r] = aux[r] = pm; }
+    else { loss[r] = qm; aux[r] = 0; }
+  }
+}
+
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads)
     dense_fwd_kernel(const T* __restrict__ s, const T* __restrict__ t, const DenseArgs<A> a, A* __restrict__ loss,
-                     A* __restrict__ lse_s, A* __restrict__ lse_t, A* __restrict__ aux, unsigned long long* status) {
+                     A* __restrict__ lse_s, A* __restrict__ lse_t, A* __restrict__ aux,
+                     const A* __restrict__ given_ls, const A* __restrict__ given_lt, unsigned long long* status) {
   __shared__ A red[6][kWarps];
   __shared__ A row[6];
   const int64_t r = blockIdx.x;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const T* sr = s + r * a.s_rs;
   const T* tr = t + r * a.t_rs;
+  if (given_ls) {  // the normalisers are known: one pass for this tensor's share of the sums
+    known_lse_sums<T, A>(sr, tr, a, r, given_ls[r], given_lt[r], loss, lse_s, lse_t, aux, red, status);
+    return;
+  }
   const A pinf = pos_inf<A>();
   Online<A> ps, pt;
   bool bad_s = false, bad_t = false;
@@ -157,31 +213,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     return;
   }
-  // JSD: the mixture needs both normalisers, so a second pass
-  A kl_pm = 0, kl_qm = 0;
-  for_each_pair<T, A>(sr, tr, 0, a.V, [&](A xs, A xt, int64_t) {
-    const A lp = scale(xs, a.inv_t) - ls, lq = scale(xt, a.inv_t) - lt;
-    const A lm = log_mix(lp, lq, a.log_a, a.log_b);
-    const A p = fast_exp(amin(lp, A(0))), q = fast_exp(amin(lq, A(0)));
-    if (p > 0) kl_pm += p * (lp - lm);
-    if (q > 0) kl_qm += q * (lq - lm);
-  });
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    kl_pm += __shfl_xor_sync(kFullMask, kl_pm, o);
-    kl_qm += __shfl_xor_sync(kFullMask, kl_qm, o);
-  }
-  __syncthreads();  // everyone is done reading row[] before red[] is reused
-  if (lane == 0) { red[0][warp] = kl_pm; red[1][warp] = kl_qm; }
-  __syncthreads();
-  if (tid == 0) {
-    A pm = 0, qm = 0;
-    for (int w = 0; w < kWarps; ++w) { pm += red[0][w]; qm += red[1][w]; }
-    lse_s[r] = ls;
-    lse_t[r] = lt;
-    loss[r] = a.beta * qm + (1 - a.beta) * pm;
-    aux[r] = pm;
-  }
+  __syncthreads();  // everyone has read row[] before known_lse_sums reuses red[]
+  known_lse_sums<T, A>(sr, tr, a, r, ls, lt, loss, lse_s, lse_t, aux, red, status);  // the JSD's second pass
 }
 
 constexpr int64_t kDenseColsPerBlock = 4096;
@@ -229,13 +262,16 @@ dev::DenseArgs<A> dense_args(int64_t V, int64_t s_rs, int64_t t_rs, Divergence k
 template <typename T>
 Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
                                 Divergence kind, double beta, double temperature, acc_t<T>* loss, acc_t<T>* lse_s,
-                                acc_t<T>* lse_t, acc_t<T>* aux, const Launch& L) {
+                                acc_t<T>* lse_t, acc_t<T>* aux, const acc_t<T>* given_lse_s,
+                                const acc_t<T>* given_lse_t, const Launch& L) {
   using A = acc_t<T>;
-  if (rows <= 0 || V <= 0) return host::cuda_error(cudaErrorInvalidValue);
+  if (rows <= 0 || V <= 0 || (given_lse_s == nullptr) != (given_lse_t == nullptr))
+    return host::cuda_error(cudaErrorInvalidValue);
   cudaError_t e = host::begin(L);
   if (e != cudaSuccess) return host::cuda_error(e);
   OPDCORE_LAUNCH(static_cast<unsigned>(rows), dev::kThreads, 0, L.stream, dev::dense_fwd_kernel<T, A>)(
-      s, t, dense_args<A>(V, s_rs, t_rs, kind, beta, temperature), loss, lse_s, lse_t, aux, L.status);
+      s, t, dense_args<A>(V, s_rs, t_rs, kind, beta, temperature), loss, lse_s, lse_t, aux, given_lse_s, given_lse_t,
+      L.status);
   return host::finish(L);
 }
 
@@ -257,7 +293,7 @@ Status dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t
 #define OPDCORE_CUDA_DENSE(T)                                                                                    \
   template Status dense_divergence_forward<T>(const T*, int64_t, const T*, int64_t, int64_t, int64_t, Divergence,  \
                                               double, double, acc_t<T>*, acc_t<T>*, acc_t<T>*, acc_t<T>*,         \
-                                              const Launch&);                                                     \
+                                              const acc_t<T>*, const acc_t<T>*, const Launch&);                   \
   template Status dense_divergence_backward<T>(const T*, int64_t, const T*, int64_t, int64_t, int64_t, Divergence, \
                                                double, double, const acc_t<T>*, const acc_t<T>*, const acc_t<T>*,  \
                                                const acc_t<T>*, T*, int64_t, const Launch&);

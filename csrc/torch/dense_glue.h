@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
+#include <utility>
 
 #include "glue.h"
 #include "opdcore/dense_div.h"
@@ -32,6 +34,20 @@ inline std::pair<at::Tensor, at::Tensor> dense_inputs(const at::Tensor& s, const
   check_same_device(t, "teacher_logits", s, "student_logits");
   auto unit = [](const at::Tensor& x) { return x.stride(1) == 1 ? x : x.contiguous(); };
   return {unit(s), unit(t)};
+}
+
+// Known normalisers (vocabulary parallelism): both or neither, [N] accumulator-typed, contiguous on return.
+inline std::pair<at::Tensor, at::Tensor> given_lse(const std::optional<at::Tensor>& ls,
+                                                   const std::optional<at::Tensor>& lt, const at::Tensor& s) {
+  TORCH_CHECK(ls.has_value() == lt.has_value(), "lse_s and lse_t must be given together");
+  if (!ls.has_value()) return {};
+  const auto acc = acc_dtype(s.scalar_type());
+  for (const at::Tensor* x : {&*ls, &*lt}) {
+    TORCH_CHECK(x->dim() == 1 && x->size(0) == s.size(0) && x->scalar_type() == acc, "lse_s and lse_t must be [",
+                s.size(0), "] ", acc);
+    check_same_device(*x, "lse_s/lse_t", s, "student_logits");
+  }
+  return {ls->contiguous(), lt->contiguous()};
 }
 
 inline void check_dense_backward(const at::Tensor& grad_loss, const at::Tensor& s, const at::Tensor& lse_s,

@@ -11,9 +11,11 @@ namespace {
 using at::Tensor;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dense_divergence_fwd_cpu(const Tensor& student, const Tensor& teacher,
-                                                                    int64_t kind, double beta, double temperature) {
+                                                                    int64_t kind, double beta, double temperature,
+    const std::optional<Tensor>& given_lse_s, const std::optional<Tensor>& given_lse_t) {
   const auto [s, t] = glue::dense_inputs(student, teacher, temperature);
   const Divergence d = glue::divergence_from(kind, beta);
+  const auto [gls, glt] = glue::given_lse(given_lse_s, given_lse_t, s);
   const int64_t N = s.size(0);
   const auto opts = s.options().dtype(glue::acc_dtype(s.scalar_type()));
   Tensor loss = at::empty({N}, opts), lse_s = at::empty({N}, opts), lse_t = at::empty({N}, opts),
@@ -23,7 +25,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dense_divergence_fwd_cpu(const Tensor
     glue::raise_status(dense_divergence_forward(glue::kptr<scalar_t>(s), s.stride(0), glue::kptr<scalar_t>(t),
                                                 t.stride(0), N, s.size(1), d, beta, temperature,
                                                 loss.mutable_data_ptr<A>(), lse_s.mutable_data_ptr<A>(),
-                                                lse_t.mutable_data_ptr<A>(), aux.mutable_data_ptr<A>()),
+                                                lse_t.mutable_data_ptr<A>(), aux.mutable_data_ptr<A>(),
+                                                gls.defined() ? gls.const_data_ptr<A>() : nullptr,
+                                                glt.defined() ? glt.const_data_ptr<A>() : nullptr),
                        "student_logits", "ids");
   });
   return {loss, lse_s, lse_t, aux};

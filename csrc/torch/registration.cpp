@@ -32,8 +32,8 @@ OPDCORE_DEFINE_LIBRARY(OPDCORE_LIBRARY, m) {
         "-> (Tensor loss, Tensor pbar, Tensor log_ratio)");
   m.def("renorm_kl_bwd(Tensor grad_loss, Tensor pbar, Tensor log_ratio, Tensor loss, float temperature) -> Tensor");
   // Dense divergences between student and teacher logits (kind 0 forward KL, 1 reverse KL, 2 JSD(beta)).
-  m.def("dense_divergence_fwd(Tensor student_logits, Tensor teacher_logits, int kind, float beta, float temperature) "
-        "-> (Tensor loss, Tensor lse_s, Tensor lse_t, Tensor aux)");
+  m.def("dense_divergence_fwd(Tensor student_logits, Tensor teacher_logits, int kind, float beta, float temperature, "
+        "Tensor? lse_s=None, Tensor? lse_t=None) -> (Tensor loss, Tensor lse_s, Tensor lse_t, Tensor aux)");
   m.def("dense_divergence_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor lse_s, "
         "Tensor lse_t, Tensor aux, int kind, float beta, float temperature) -> Tensor");
   // Packed sequences: padded [B, T, ...] <-> packed [N, ...].

@@ -110,7 +110,8 @@ Status renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_r
 template <typename T>
 Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
                                 Divergence kind, double beta, double temperature, acc_t<T>* loss, acc_t<T>* lse_s,
-                                acc_t<T>* lse_t, acc_t<T>* aux, const Launch& launch);
+                                acc_t<T>* lse_t, acc_t<T>* aux, const acc_t<T>* given_lse_s,
+                                const acc_t<T>* given_lse_t, const Launch& launch);
 template <typename T>
 Status dense_divergence_backward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
                                  Divergence kind, double beta, double temperature, const acc_t<T>* lse_s,

@@ -21,10 +21,14 @@ enum class Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 // (KL(p||q) for kReverseKL, KL(p||m) for kJSD, 0 for kForwardKL). Element (r, j) of s is s[r*s_rs + j] (unit
 // column stride; the same for t). NaN or +inf in s is kNonFinite, in t kTeacherNonFinite; an all -inf row is
 // kAllNegInf / kTeacherAllNegInf (first bad row, student checked first).
+// given_lse_s / given_lse_t (both or neither): the normalisers are known (vocabulary parallelism: the global
+// ones, while s and t hold one shard's columns); then loss and aux are this tensor's share of the sums, which add
+// up over shards, lse_s / lse_t are copied from them, and the all -inf checks are skipped.
 template <typename T>
 Status dense_divergence_forward(const T* s, int64_t s_rs, const T* t, int64_t t_rs, int64_t rows, int64_t V,
                                 Divergence kind, double beta, double temperature, acc_t<T>* loss, acc_t<T>* lse_s,
-                                acc_t<T>* lse_t, acc_t<T>* aux);
+                                acc_t<T>* lse_t, acc_t<T>* aux, const acc_t<T>* given_lse_s = nullptr,
+                                const acc_t<T>* given_lse_t = nullptr);
 
 // grad[r*g_rs + j] = d (sum_r grad_loss[r] * loss[r]) / d s[r, j], rounded once to T:
 //   kForwardKL  (g/T) (p - q)

@@ -20,7 +20,7 @@ def divergence_index(kind: str) -> int:
 
 
 def _setup(ctx, inputs, output):
-    student, teacher, kind, beta, temperature = inputs
+    student, teacher, kind, beta, temperature = inputs[:5]
     _, lse_s, lse_t, aux = output
     ctx.save_for_backward(student, teacher, lse_s, lse_t, aux)
     ctx.args = (kind, beta, temperature)
@@ -30,7 +30,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_):
     student, teacher, lse_s, lse_t, aux = ctx.saved_tensors
     grad = _ops.dense_divergence_bwd(grad_loss, student, teacher, lse_s, lse_t, aux, *ctx.args)
-    return grad, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd("opdcore::dense_divergence_fwd", _backward, setup_context=_setup)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
+from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
 from opdcore.ops.topk import _as_long, _check_linear, iter_head_chunks
 
@@ -233,3 +234,61 @@ def vocab_parallel_renorm_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor,
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
     return _loss._ops.renorm_kl_fwd(set_logits.to(acc), tq.to(acc).contiguous(), valid.contiguous(),
                                     float(temperature))[0]
+
+
+class _VocabParallelDense(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_shard, t_shard, kind, beta, temperature, group):
+        what = "vocab_parallel_dense_divergence"
+        err, lse = None, None
+        try:  # the shard's own log-sum-exps; a shard may be all -inf on a row (a masked vocabulary range)
+            if s_shard.dim() != 2 or s_shard.shape != t_shard.shape or s_shard.dtype != t_shard.dtype:
+                raise ValueError(f"student_shard {tuple(s_shard.shape)} {s_shard.dtype} and teacher_shard "
+                                 f"{tuple(t_shard.shape)} {t_shard.dtype} must be [N, V_r] with one shape and dtype")
+            acc = torch.float64 if s_shard.dtype == torch.float64 else torch.float32
+            sides = []
+            for name, x in (("student_shard", s_shard), ("teacher_shard", t_shard)):
+                st = StreamState(x.shape[0], 0, dtype=acc, device=x.device, temperature=temperature)
+                try:
+                    st.update(x, 0)
+                except RuntimeError as e:
+                    raise RuntimeError(f"{name}: {e}") from e
+                sides.append(st.max + st.sumexp.log())  # -inf + -inf for an all -inf row
+            lse = torch.stack(sides)
+        except (RuntimeError, ValueError, TypeError) as e:
+            err = e
+        rows, cols = (s_shard.shape[0], s_shard.shape[1]) if s_shard.dim() == 2 else (-1, -1)
+        _shard_layout(rows, cols, err, what, group)
+        parts = [torch.empty_like(lse, device=_comm_device(group)) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, lse.to(_comm_device(group)), group=group)
+        glob = torch.logsumexp(torch.stack(parts), dim=0).to(s_shard.device)  # the same on every rank
+        for side, name in ((0, "student"), (1, "teacher")):
+            dead = torch.isinf(glob[side]).nonzero()
+            if dead.numel():
+                raise RuntimeError(f"{what}: {name} logits row {int(dead[0])} is entirely -inf over the whole "
+                                   "vocabulary: no token has probability")
+        ls, lt = glob[0].contiguous(), glob[1].contiguous()
+        # this shard's share of the sums under the global normalisers, summed over ranks
+        share = _dense._ops.dense_divergence_fwd(s_shard, t_shard, kind, beta, temperature, ls, lt)
+        sums = _AllReduceSum.apply(torch.stack([share[0], share[3]]), group)
+        loss, aux = sums[0].contiguous(), sums[1].contiguous()
+        ctx.save_for_backward(s_shard, t_shard, ls, lt, aux)
+        ctx.args = (kind, beta, temperature)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        s_shard, t_shard, ls, lt, aux = ctx.saved_tensors
+        grad = _dense._ops.dense_divergence_bwd(grad_loss.contiguous(), s_shard, t_shard, ls, lt, aux, *ctx.args)
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_dense_divergence(student_shard: torch.Tensor, teacher_shard: torch.Tensor,
+                                    divergence: str = "reverse_kl", *, beta: float = 0.5, temperature: float = 1.0,
+                                    group=None) -> torch.Tensor:
+    """dense_divergence of the full-vocabulary logits whose rank-r shards are student_shard and teacher_shard
+    [N, V_r] (the same columns of both): each rank streams its shard for its log-sum-exps, those combine into
+    the global ones ([N] numbers), then each rank's share of the sums under them is summed across ranks. The
+    divergence [N] is replicated on every rank; the gradient goes to each rank's student shard."""
+    return _VocabParallelDense.apply(student_shard, teacher_shard.detach(), _dense.divergence_index(divergence),
+                                     float(beta), float(temperature), group)
