@@ -388,7 +388,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> 
   if (tid == 0) {
     A m = neg_inf<A>(), s = 0, t = 0;
     bool poisoned = false;
-    if (c.has_a) { m = c.a.max[r]; s = c.a.sumexp[r]; t = c.a.ent[r]; }
+    if (c.has_a) {
+      m = c.a.max[r]; s = c.a.sumexp[r]; t = c.a.ent[r];
+      poisoned = c.poison_check && m != m;  // an unchecked earlier update rejected the row
+    }
     for (int p = 0; p < c.parts; ++p) {
       const int64_t i = r * c.parts + p;
       const A pm = c.part.max[i];
@@ -399,7 +402,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineArgs<A> 
     skip = poisoned;
   }
   __syncthreads();
-  if (skip) return;
+  if (skip) {
+    // Unchecked (graph capture: no status word) the row's state turns NaN, so its final results read as NaN
+    // instead of silently leaving the rejected chunk out.
+    if (tid == 0 && !c.status && c.has_a && !c.final) c.a.max[r] = qnan<A>();
+    return;
+  }
 
   // Source p's slot j (p = 0 is `a` when present).
   auto src_vals = [&](int p) -> const A* {

@@ -124,6 +124,7 @@ Status stream_merge(const StreamState<A>& a, const StreamState<A>& b, const Laun
   c.parts = 1;
   c.part = b;  // [rows * 1] rows: the state layout is the partial layout with one part
   c.sort_topk = a.k <= kMaxTopK;
+  c.poison_check = true;  // a state that an unchecked update rejected (NaN max) poisons the merged one
   host::launch_combine(a.rows, c, L.stream);
   return host::finish(L, /*read_status=*/false);  // nothing to reject: no sync
 }

@@ -14,6 +14,9 @@
 #endif
 #include <cuda_runtime_api.h>
 
+#include <cmath>
+#include <cstdlib>
+
 #include "glue.h"
 #include "opdcore/cuda_kernels.h"
 
@@ -38,7 +41,9 @@ struct CudaCall {
 
 #ifdef OPDCORE_CUDA_EMU
   CudaCall(const at::Tensor& ref, size_t workspace_bytes = 0) {
-    const bool capturing = false;
+    // The tests stand in for graph capture with this variable (the unchecked path below).
+    const char* unchecked = std::getenv("OPDCORE_EMU_UNCHECKED");
+    const bool capturing = unchecked && unchecked[0] == '1';
 #else
   CudaCall(const at::Tensor& ref, size_t workspace_bytes = 0) : guard(ref.device()) {
     TORCH_CHECK(ref.is_cuda(), "expected a CUDA tensor");
@@ -52,6 +57,13 @@ struct CudaCall {
       launch.status = reinterpret_cast<unsigned long long*>(status.mutable_data_ptr<int64_t>());
     }
     set_workspace(ref, workspace_bytes);
+  }
+
+  // An output of a fallible op. Unchecked (graph capture) it starts as NaN (ids: -1): the kernels skip a bad
+  // row's outputs, which then read as NaN instead of stale memory.
+  at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts) const {
+    if (launch.status) return at::empty(sizes, opts);
+    return at::full(sizes, at::isFloatingType(opts.dtype().toScalarType()) ? at::Scalar(NAN) : at::Scalar(-1), opts);
   }
 
   void set_workspace(const at::Tensor& ref, size_t bytes) {

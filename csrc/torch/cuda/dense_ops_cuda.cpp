@@ -21,8 +21,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dense_divergence_fwd_cuda(const Tenso
   glue::CudaCall call(s);
   const int64_t N = s.size(0);
   const auto opts = s.options().dtype(glue::acc_dtype(s.scalar_type()));
-  Tensor loss = at::empty({N}, opts), lse_s = at::empty({N}, opts), lse_t = at::empty({N}, opts),
-         aux = at::empty({N}, opts);
+  Tensor loss = call.output({N}, opts), lse_s = call.output({N}, opts), lse_t = call.output({N}, opts),
+         aux = call.output({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "dense_divergence_fwd_cuda", [&] {
     using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
     glue::raise_cuda_status(

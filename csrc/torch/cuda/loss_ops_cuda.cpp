@@ -19,7 +19,7 @@ std::tuple<Tensor, Tensor> opd_rewards_cuda(const Tensor& slp, const Tensor& tlp
   const auto mode = glue::weight_mode_from(weight_mode);
   glue::CudaCall call(slp);
   const Tensor s = slp.contiguous(), t = tlp.to(slp.scalar_type()).contiguous(), v = valid.contiguous();
-  Tensor rewards = at::empty_like(s), loss = at::empty({s.size(0)}, s.options());
+  Tensor rewards = call.output(s.sizes(), s.options()), loss = call.output({s.size(0)}, s.options());
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "opd_rewards_cuda", [&] {
     glue::raise_cuda_status(
         cuda::opd_rewards<scalar_t>(s.size(0), s.size(1), s.const_data_ptr<scalar_t>(), t.const_data_ptr<scalar_t>(),
@@ -46,8 +46,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> opd_topk_loss_fwd_cuda(const Tensor& 
   const Tensor idc = ids.contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
   const int64_t K = idc.size(1);
   const auto opts = logits.options().dtype(acc);
-  Tensor loss = at::empty({N}, opts), rewards = at::empty({N, K}, opts), slp = at::empty({N, K}, opts),
-         lse = at::empty({N}, opts);
+  Tensor loss = call.output({N}, opts), rewards = call.output({N, K}, opts), slp = call.output({N, K}, opts),
+         lse = call.output({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "opd_topk_loss_fwd_cuda", [&] {
     using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
     call.set_workspace(logits, cuda::topk_workspace_bytes<A>(N, V, 0, K, call.launch.num_sms));
@@ -113,7 +113,8 @@ std::tuple<Tensor, Tensor, Tensor> renorm_kl_fwd_cuda(const Tensor& z, const Ten
   const auto acc = glue::acc_dtype(z.scalar_type());
   glue::CudaCall call(z);
   const Tensor zc = z.to(acc).contiguous(), t = tlp.to(acc).contiguous(), v = valid.contiguous();
-  Tensor loss = at::empty({z.size(0)}, zc.options()), pbar = at::empty_like(zc), lr = at::empty_like(zc);
+  Tensor loss = call.output({z.size(0)}, zc.options()), pbar = call.output(zc.sizes(), zc.options()),
+         lr = call.output(zc.sizes(), zc.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "renorm_kl_fwd_cuda", [&] {
     glue::raise_cuda_status(
         cuda::renorm_kl_forward<scalar_t>(zc.size(0), zc.size(1), zc.const_data_ptr<scalar_t>(),

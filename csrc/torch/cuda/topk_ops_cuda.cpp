@@ -31,8 +31,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> topk_logprobs_cuda(const Tensor& logi
   const auto acc = glue::acc_dtype(logits.scalar_type());
   glue::CudaCall call(logits);
   const auto opts = logits.options().dtype(acc);
-  Tensor ids = at::empty({N, k}, logits.options().dtype(at::kLong));
-  Tensor lp = at::empty({N, k}, opts), lse = at::empty({N}, opts), ent = at::empty({N}, opts);
+  Tensor ids = call.output({N, k}, logits.options().dtype(at::kLong));
+  Tensor lp = call.output({N, k}, opts), lse = call.output({N}, opts), ent = call.output({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "topk_logprobs_cuda", [&] {
     using KT = typename glue::kernel_type<scalar_t>::type;
     using A = acc_t<KT>;
@@ -62,7 +62,7 @@ std::tuple<Tensor, Tensor> logprobs_at_cuda(const Tensor& logits, const Tensor& 
   const Tensor idc = ids.contiguous();
   const int64_t m = idc.size(1);
   const auto opts = logits.options().dtype(glue::acc_dtype(logits.scalar_type()));
-  Tensor lp = at::empty({N, m}, opts), lse = at::empty({N}, opts);
+  Tensor lp = call.output({N, m}, opts), lse = call.output({N}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "logprobs_at_cuda", [&] {
     using A = acc_t<typename glue::kernel_type<scalar_t>::type>;
     call.set_workspace(logits, cuda::topk_workspace_bytes<A>(N, V, 0, m, call.launch.num_sms));
@@ -131,8 +131,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> stream_finalize_cuda(const Te
   const int64_t N = max.size(0), k = hv.size(1), m = tv.size(1);
   const bool big_k = k > cuda::kMaxTopK;
   const auto opts = max.options();
-  Tensor ids = at::empty({N, k}, opts.dtype(at::kLong)), lp = at::empty({N, k}, opts);
-  Tensor lse = at::empty({N}, opts), entropy = at::empty({N}, opts), tlp = at::empty({N, m}, opts);
+  Tensor ids = call.output({N, k}, opts.dtype(at::kLong)), lp = call.output({N, k}, opts);
+  Tensor lse = call.output({N}, opts), entropy = call.output({N}, opts), tlp = call.output({N, m}, opts);
   AT_DISPATCH_FLOATING_TYPES(max.scalar_type(), "stream_finalize_cuda", [&] {
     using A = scalar_t;
     auto a0 = max, a1 = sumexp, a2 = ent, a3 = hv, a4 = hi, a5 = tv;
