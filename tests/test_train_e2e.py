@@ -14,7 +14,7 @@ from tiny_setup import make_tiny_run_dir, overrides
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "examples", "train.py")
 DETERMINISTIC = ("loss", "grad_norm", "train_accuracy", "response_length", "student_entropy", "teacher_entropy",
-                 "overlap_ratio", "sampled_token_reward", "lr")
+                 "overlap_ratio", "overlap_advantage", "sampled_token_reward", "largest_token_reward", "lr")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def metrics(out_dir, kind="train"):
 
 @pytest.mark.parametrize("extra", [
     {},
-    {"loss.topk": 0, "loss.log_ratio_clip": 0.0},
+    {"loss.topk": 0, "loss.log_ratio_clip": 0.0, "diagnostics.probe_every": 2},
     {"loss.strategy": "union", "loss.fused_lm_head": False, "loss.aggregation": "seq-mean-token-mean"},
     {"loss.renorm_kl": True, "loss.strategy": "intersection", "loss.outcome_weight": 0.5},
     {"loss.outcome_weight": 1.0, "loss.fused_lm_head": False},
@@ -58,8 +58,22 @@ def test_single_process_run(tiny, tmp_path, extra):
     before = AutoModelForCausalLM.from_pretrained(tiny["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the student was trained
-    assert metrics(out, "eval")  # eval before and after
-    assert os.path.isfile(out / "curves.png") and os.path.isdir(out / "tensorboard")
+    evals = metrics(out, "eval")  # eval before and after, the teacher's once, and the gap recovery rate
+    assert "teacher_accuracy" in evals[1] and "gap_recovery" in evals[-1]
+    assert all(m["largest_token_reward"] == m["largest_token_reward"] and "reward_auroc" in m for m in rows)
+    if extra.get("loss.topk", 8):
+        assert all(-1e-6 <= m["overlap_ratio"] <= 1 and m["overlap_advantage"] <= 1e-6 for m in rows)
+        assert all(0 <= m["overlap_mass_student"] <= m["student_topk_mass"] + 1e-5 for m in rows)
+    with open(out / "positions.jsonl") as f:
+        prof = [json.loads(line) for line in f]
+    assert [p["step"] for p in prof] == [1, 2, 3]
+    assert all(len(p["student_entropy"]) == 8 and sum(p["tokens"]) == m["response_length"] * 8
+               for p, m in zip(prof, rows))  # 4 prompts x 2 responses per step
+    if extra.get("diagnostics.probe_every"):  # the continuation probe: before, at step 2, after
+        probes = metrics(out, "probe")
+        assert [p["step"] for p in probes] == [0, 2, 3] and all(len(p) == 2 + 3 * 4 for p in probes)
+    assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "positions.png")
+    assert os.path.isdir(out / "tensorboard")
 
 
 def test_killed_run_resumes_exactly(tiny, tmp_path):
@@ -80,6 +94,7 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     r = run(overrides(tiny, cut_dir, **args))  # resume=auto
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
+    assert "gap_recovery" in metrics(cut_dir, "eval")[-1]  # the step-0 accuracies came back with the checkpoint
     ref = {m["step"]: m for m in metrics(ref_dir)}
     got = {m["step"]: m for m in metrics(cut_dir)}  # killed run's rows, then the resumed run's
     for step in range(3, 7):

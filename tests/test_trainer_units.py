@@ -13,7 +13,7 @@ from opdcore.trainer.schedule import make_scheduler
 def _mb(targets, token_seq):
     n = len(targets)
     return MicroBatch([], torch.zeros(1, 1), torch.ones(1, 1), torch.arange(n), torch.tensor(targets),
-                      torch.tensor(token_seq), torch.zeros(n))
+                      torch.tensor(token_seq), torch.zeros(n), torch.arange(n))
 
 
 def _scored(s_ids, t_ids):
@@ -146,7 +146,7 @@ def test_micro_batches_match_the_busiest_rank(monkeypatch):
     from opdcore.rollout import Rollout
     from opdcore.trainer import dist, microbatch
 
-    rollouts = [Rollout(i, [1, 5, 6], [7] * (3 + i), [-1.0] * (3 + i), True) for i in range(3)]
+    rollouts = [Rollout(i, [1, 5, 6, 8][:4 - i], [7] * (3 + i), [-1.0] * (3 + i), True) for i in range(3)]
     alone = microbatch.build(rollouts, max_tokens=64, device="cpu")
     assert len(alone) == 1 and alone[0].num_tokens == 3 + 4 + 5
     mb = alone[0]
@@ -154,6 +154,7 @@ def test_micro_batches_match_the_busiest_rank(monkeypatch):
     flat = mb.input_ids.reshape(-1)
     assert torch.equal(flat[mb.pred_index + 1], mb.targets) and (mb.targets == 7).all()
     assert torch.equal(mb.rollout_logprobs, torch.full((12,), -1.0))
+    assert mb.positions.tolist() == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3, 4]  # within each response
     monkeypatch.setattr(dist, "all_reduce", lambda values, op="sum": torch.tensor([5.0]))
     busy = microbatch.build(rollouts, max_tokens=64, device="cpu")
     assert len(busy) == 5 and sum(m is not None for m in busy) == 3

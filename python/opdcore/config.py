@@ -104,6 +104,15 @@ class EvalConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    position_buckets: int = 8  # response-position buckets of the per-position profiles (positions.jsonl)
+    eval_teacher: bool = True  # evaluate the teacher once before training: gap recovery rate in the final eval
+    probe_every: int = 0  # teacher continuation probe at step 0, every this many steps and at the end (0: off)
+    probe_prompts: int = 32  # held-out prompts the probe cuts the student's responses to
+    probe_cuts: tuple = (0.0, 0.25, 0.5, 0.75)  # cut depths, fractions of each response's length
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -112,6 +121,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 CHOICES = {
@@ -157,6 +167,10 @@ RANGES = [
     ("eval.n", lambda v: v >= 1, ">= 1"),
     ("eval.temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
     ("eval.max_new_tokens", lambda v: v >= 0, ">= 0"),
+    ("diagnostics.position_buckets", lambda v: v >= 1, ">= 1"),
+    ("diagnostics.probe_every", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("diagnostics.probe_prompts", lambda v: v >= 1, ">= 1"),
+    ("diagnostics.probe_cuts", lambda v: len(v) >= 1 and all(0 <= c < 1 for c in v), "fractions in [0, 1)"),
 ]
 
 

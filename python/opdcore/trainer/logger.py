@@ -44,6 +44,13 @@ class MetricsLogger:
                                  acc=f"{metrics.get('train_accuracy', float('nan')):.2f}",
                                  tok_s=f"{metrics.get('tokens_per_s', 0):.0f}", refresh=False)
 
+    def log_profile(self, step: int, profile: Dict[str, list]) -> None:
+        """Per-position diagnostics of one step, one JSON line in positions.jsonl (plotted as positions.png)."""
+        if not self.main:
+            return
+        with open(os.path.join(os.path.dirname(self.path), "positions.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **profile}) + "\n")
+
     def message(self, text: str) -> None:
         if not self.main:
             return

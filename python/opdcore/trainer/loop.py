@@ -10,11 +10,13 @@ import torch
 from opdcore.config import Config, to_dict
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
 from opdcore.data.reward import verify
+from opdcore.metrics import gap_recovery
 from opdcore.rollout import SamplingConfig
 from opdcore.rollout.hf import HFEngine
 from opdcore.trainer import checkpoint, dist, metrics as M
 from opdcore.trainer import microbatch, step as S
 from opdcore.trainer.logger import MetricsLogger
+from opdcore.trainer.probe import continuation_probe
 from opdcore.trainer.models import OPDModel, full_state_dict, load_causal_lm, load_tokenizer, shard, vocab_limit
 from opdcore.trainer.schedule import make_scheduler
 
@@ -55,6 +57,7 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, seed=cfg.train.seed,
                                      rank=dist.rank(), world_size=dist.world())
         self.step = 0
+        self.baseline: Dict[str, float] = {}  # held-out accuracy before training: student, teacher
         self._maybe_resume()
         self.log = MetricsLogger(self.out, cfg.train.steps, self.step, cfg.train.tensorboard, cfg.train.progress)
 
@@ -137,7 +140,7 @@ class Trainer:
 
     def _state(self) -> Dict:
         state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                 "config": to_dict(self.cfg)}
+                 "config": to_dict(self.cfg), "baseline": self.baseline}
         if not self.sharded:  # one process: the model and optimizer go into trainer.pt too
             state.update(model=self.student.state_dict(), optimizer=self.optimizer.state_dict())
         return state
@@ -180,6 +183,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step = state["step"]
+        self.baseline = state.get("baseline", {})
         if dist.is_main():
             print(f"resumed from {path} at step {self.step}")
 
@@ -218,17 +222,20 @@ class Trainer:
         with timer("sync"):
             self.sync_engine()
         self.step += 1
-        out = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer)
+        nb = cfg.diagnostics.position_buckets
+        out, self.last_profile = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer,
+                                                bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb)
         return out
 
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self, engine=None) -> Dict[str, float]:
+        """Held-out accuracy of the student (or of the model behind `engine`)."""
         e = self.cfg.eval
         mine = list(range(dist.rank(), len(self.eval_ids), dist.world()))
         if not self.eval_ids:
             return {}
         sampling = SamplingConfig(n=e.n, temperature=e.temperature,
                                   top_p=1.0, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
-        rollouts = self.engine.generate([self.eval_ids[i] for i in mine], sampling) if mine else []
+        rollouts = (engine or self.engine).generate([self.eval_ids[i] for i in mine], sampling) if mine else []
         scores = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
                          self.eval_prompts[mine[r.prompt_index]].answer) for r in rollouts]
         total, count = dist.all_reduce([sum(scores), len(scores)])
@@ -245,25 +252,35 @@ class Trainer:
             self.log.message(f"opdcore OPD: {len(self.train_prompts)} train prompts ({self.dropped_prompts} too long "
                              f"dropped), {len(self.eval_prompts)} eval prompts, world {dist.world()}, "
                              f"{self.threads} threads/rank, vocab {self.vocab}")
-        history = {}
         if self.step == 0 and self.eval_prompts:
-            history = self.evaluate()
-            self.log.log(0, history, kind="eval")
-            self.log.message(f"step 0: eval {history}")
+            start = self.evaluate()
+            self.log.log(0, start, kind="eval")
+            self.log.message(f"step 0: eval {start}")
+            self.baseline = {"student": start[self._acc_key()]}
+            self._evaluate_teacher()
+            self.probe()
         while self.step < cfg.train.steps:
             m = self.train_step()
             if self.step % cfg.train.log_every == 0:
                 self.log.log(self.step, m)
+                self.log.log_profile(self.step, self.last_profile)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
                 ev = self.evaluate()
                 self.log.log(self.step, ev, kind="eval")
                 self.log.message(f"step {self.step}: eval {ev}  train acc {m.get('train_accuracy', float('nan')):.3f}")
+            if cfg.diagnostics.probe_every and self.step % cfg.diagnostics.probe_every == 0 \
+                    and self.step < cfg.train.steps:
+                self.probe()
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self.save()
         final = self.evaluate()
+        if final and "teacher" in self.baseline:  # METHOD.md 3: the share of the student-teacher gap closed
+            final["gap_recovery"] = gap_recovery(self.baseline["student"], final[self._acc_key()],
+                                                 self.baseline["teacher"])
         if final:
             self.log.log(self.step, final, kind="eval")
             self.log.message(f"step {self.step}: final eval {final}")
+        self.probe()
         self.save_final()
         self.log.close()
         if dist.is_main():
@@ -273,6 +290,48 @@ class Trainer:
             if png:
                 print(f"curves: {png}")
         return final
+
+    def _acc_key(self) -> str:
+        return f"accuracy_avg@{self.cfg.eval.n}"
+
+    def _teacher_engine(self, why: str):
+        """transformers generate with the teacher, or None (with a message) when the teacher is FSDP-sharded:
+        each FSDP forward is a collective, and ranks generate different lengths."""
+        if self.sharded and self.cfg.model.teacher_sharding == "fsdp":
+            self.log.message(f"{why} skipped: the teacher is FSDP-sharded")
+            return None
+        return HFEngine(self.teacher.hf, self.tokenizer, batch_size=self.cfg.rollout.batch_size,
+                        shares_training_model=True, vocab_limit=self.vocab)
+
+    def _evaluate_teacher(self) -> None:
+        """The teacher's held-out accuracy, once: the ceiling the gap recovery rate is measured against."""
+        engine = self._teacher_engine("diagnostics.eval_teacher") if self.cfg.diagnostics.eval_teacher else None
+        if engine is None:
+            return
+        acc = self.evaluate(engine)[self._acc_key()]
+        self.baseline["teacher"] = acc
+        self.log.log(0, {"teacher_accuracy": acc}, kind="eval")
+        self.log.message(f"step 0: teacher accuracy {acc:.4f}")
+
+    def probe(self) -> None:
+        """The teacher continuation probe on held-out prompts (diagnostics.probe_*), logged as kind "probe"."""
+        d = self.cfg.diagnostics
+        engine = self._teacher_engine("diagnostics.probe_every") if d.probe_every and self.eval_ids else None
+        if engine is None:
+            return
+        mine = list(range(dist.rank(), min(d.probe_prompts, len(self.eval_ids)), dist.world()))
+
+        def check(i, response_ids):
+            text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+            return verify(text, self.eval_prompts[mine[i]].answer)
+
+        res = continuation_probe(self.engine, engine, [self.eval_ids[i] for i in mine], check, d.probe_cuts,
+                                 self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                                 temperature=self.cfg.rollout.temperature,
+                                 reduce=lambda xs: dist.all_reduce(xs).tolist())
+        self.log.log(self.step, res, kind="probe")
+        adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
+        self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")
 
     def save_final(self) -> str:
         """The student in Hugging Face format (loadable by from_pretrained and vLLM)."""

@@ -1,13 +1,15 @@
-"""Per-step training metrics: rewards, entropies, top-k overlap, rollout/trainer mismatch, timings."""
+"""Per-step training metrics: the METHOD.md section 3 diagnostics (opdcore.metrics) over all ranks, per-position
+profiles, rollout/trainer mismatch, timings."""
 from __future__ import annotations
 
 import math
 import time
 from contextlib import contextmanager
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from opdcore import metrics as D
 from opdcore.trainer import dist
 
 
@@ -22,14 +24,67 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|a_t ∩ b_t| / k per row."""
-    return (a.unsqueeze(2) == b.unsqueeze(1)).any(2).float().mean(1)
+# Per-position diagnostics also profiled over response-position buckets (positions.jsonl, positions.png).
+PROFILED = ("student_entropy", "entropy_gap", "sampled_token_reward", "overlap_ratio", "overlap_advantage")
 
 
-def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer) -> Dict[str, float]:
-    """Sums and counts are all-reduced, so every rank returns the global values."""
+def _per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """name -> ([R] values, [R] mask of the positions where the value is defined, or None: all)."""
+    out = {
+        "student_entropy": (sc.student_entropy, None),
+        "teacher_entropy": (sc.teacher_entropy, None),
+        "entropy_gap": (D.entropy_gap(sc.teacher_entropy, sc.student_entropy), None),
+        "sampled_token_reward": (sc.teacher_sampled_lp - sc.student_sampled_lp, None),
+    }
+    if sc.student_ids is not None:
+        args = (sc.student_ids, sc.student_logprobs, sc.teacher_ids, sc.teacher_on_student_lp)
+        p_mass, q_mass = D.overlap_mass(*args)
+        adv, has = D.overlap_advantage(*args)
+        out.update({
+            "overlap_ratio": (D.topk_overlap(sc.student_ids, sc.teacher_ids), None),
+            "overlap_mass_student": (p_mass, None),
+            "overlap_mass_teacher": (q_mass, None),
+            "overlap_advantage": (adv, has),
+            # how much probability the student's top-k holds under each model: the reward-weighted top-k loss
+            # only sees this mass, and leaks the rest when it is far from 1
+            "student_topk_mass": (sc.student_logprobs.logsumexp(-1).exp(), None),
+            "teacher_mass_on_student_topk": (sc.teacher_on_student_lp.logsumexp(-1).exp(), None),
+        })
+    return out
+
+
+def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
+    """Over all ranks' responses: AUROC of the sequence mean reward for correct vs incorrect responses, and the
+    token with the largest |log q - log p| (training health)."""
+    rbar_sum = torch.zeros(len(rollouts), dtype=torch.float64)
+    rbar_cnt = torch.zeros(len(rollouts), dtype=torch.float64)
+    largest = (math.nan, math.nan)
+    for mb, sc in zip(mbs, scored):
+        if mb is None:
+            continue
+        r = (sc.teacher_sampled_lp - sc.student_sampled_lp).double().cpu()
+        seq = mb.token_seq.cpu()
+        rbar_sum.index_add_(0, seq, r)
+        rbar_cnt.index_add_(0, seq, torch.ones_like(r))
+        cand = D.largest_reward_token(sc.student_sampled_lp, sc.teacher_sampled_lp)
+        if math.isnan(largest[0]) or abs(cand[0]) > abs(largest[0]):
+            largest = cand
+    rbar = torch.where(rbar_cnt > 0, rbar_sum / rbar_cnt.clamp(min=1), torch.full_like(rbar_sum, math.nan))
+    parts = dist.gather_objects((rbar.tolist(), list(correct), largest))
+    scores = [x for p in parts for x in p[0]]
+    labels = [x for p in parts for x in p[1]]
+    big = max((p[2] for p in parts), key=lambda x: -1.0 if math.isnan(x[0]) else abs(x[0]))
+    return {"reward_auroc": D.auroc(scores, labels), "largest_token_reward": big[0],
+            "p_minus_q_at_largest_reward": big[1]}
+
+
+def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer, bucket_width: int,
+                 num_buckets: int) -> Tuple[Dict[str, float], Dict[str, list]]:
+    """(metrics, per-position profile). Sums and counts are all-reduced, so every rank returns the global
+    values. The profile holds the mean of each PROFILED diagnostic per response-position bucket (NaN where a
+    bucket is empty) and the token count per bucket."""
     sums: Dict[str, float] = {}
+    prof: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def add(name, total, count):
         s, c = sums.get(name, (0.0, 0.0))
@@ -43,25 +98,33 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         if mb is None:
             continue
         n = mb.num_tokens
-        add("student_entropy", sc.student_entropy.sum(), n)
-        add("teacher_entropy", sc.teacher_entropy.sum(), n)
-        add("entropy_gap", (sc.teacher_entropy - sc.student_entropy).abs().sum(), n)
-        add("sampled_token_reward", (sc.teacher_sampled_lp - sc.student_sampled_lp).sum(), n)
+        for name, (v, mask) in _per_token(sc).items():
+            add(name, v[mask].sum() if mask is not None else v.sum(), mask.sum() if mask is not None else n)
+            if name in PROFILED:
+                ps, pc = D.position_profile(v.cpu(), mb.positions.cpu(), bucket_width, num_buckets,
+                                            None if mask is None else mask.cpu())
+                old = prof.get(name, (0.0, 0.0))
+                prof[name] = (old[0] + ps, old[1] + pc)
         finite = torch.isfinite(mb.rollout_logprobs)
         diff = (mb.rollout_logprobs - sc.student_sampled_lp)[finite].abs()
         add("rollout_logprob_mismatch", diff.sum(), diff.numel())
         add("set_size", st[2].sum(), n)
-        if sc.student_ids is not None:
-            add("overlap_ratio", _overlap(sc.student_ids, sc.teacher_ids).sum(), n)
-            # how much probability the student's top-k holds under each model: the reward-weighted top-k loss
-            # only sees this mass, and leaks the rest when it is far from 1
-            add("student_topk_mass", sc.student_logprobs.logsumexp(-1).exp().sum(), n)
-            add("teacher_mass_on_student_topk", sc.teacher_on_student_lp.logsumexp(-1).exp().sum(), n)
-    names = sorted(sums)
-    reduced = dist.all_reduce([v for k in names for v in sums[k]] + [upd["loss"]])
+    names, pnames = sorted(sums), sorted(prof)
+    flat = [v for k in names for v in sums[k]] + [upd["loss"]]
+    flat += torch.cat([torch.cat(prof[k]) for k in pnames]).tolist() if pnames else []
+    reduced = dist.all_reduce(flat)
     out = {k: float(reduced[2 * i] / reduced[2 * i + 1]) if reduced[2 * i + 1] > 0 else float("nan")
            for i, k in enumerate(names)}
-    out["loss"] = float(reduced[-1]) / dist.world()
+    out["loss"] = float(reduced[2 * len(names)]) / dist.world()
+    profile: Dict[str, list] = {"bucket_width": bucket_width}
+    at = 2 * len(names) + 1
+    for k in pnames:
+        ps, pc = reduced[at:at + num_buckets], reduced[at + num_buckets:at + 2 * num_buckets]
+        at += 2 * num_buckets
+        profile[k] = torch.where(pc > 0, ps / pc.clamp(min=1), torch.full_like(ps, math.nan)).tolist()
+        if k == "student_entropy":  # defined at every position: its counts are the bucket's tokens
+            profile["tokens"] = pc.tolist()
+    out.update(_sequence_diagnostics(rollouts, correct, mbs, scored))
     out["grad_norm"] = upd["grad_norm"]
     out["step_skipped"] = upd["step_skipped"]
     out["lr"] = optimizer.param_groups[0]["lr"]
@@ -70,4 +133,4 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     out["tokens_per_s"] = tokens / total_time if total_time > 0 else float("nan")
     for k, v in timer.seconds.items():
         out[f"time_{k}_s"] = v
-    return out
+    return out, profile

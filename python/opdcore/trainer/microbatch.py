@@ -20,6 +20,7 @@ class MicroBatch:
     targets: torch.Tensor  # [R] the response tokens
     token_seq: torch.Tensor  # [R] rollout index of each response token
     rollout_logprobs: torch.Tensor  # [R] the engine's log-prob of each response token (NaN if unknown)
+    positions: torch.Tensor  # [R] position of each token in its response (0 = first response token)
 
     @property
     def num_tokens(self) -> int:
@@ -34,11 +35,14 @@ def from_packed(batch: PackedBatch, indices: List[int], device) -> MicroBatch:
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
     seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)[j]
     offset = j - batch.cu_seqlens.long()[seq]
+    # responses end their sequences: the response starts at the sequence length minus its masked token count
+    response_len = torch.zeros_like(lengths).index_add_(0, seq, torch.ones_like(seq))
+    positions = offset - (lengths - response_len)[seq]
     # a causal LM predicts the token at offset o from the hidden state at o - 1 (prompts are never empty)
     pred_index = seq * T + offset - 1
     return MicroBatch(indices, input_ids.to(device), attention_mask.to(device), pred_index.to(device),
                       batch.input_ids[j].to(device), batch.seq_ids[seq].to(device),
-                      batch.payloads["rollout_logprobs"][j].to(device))
+                      batch.payloads["rollout_logprobs"][j].to(device), positions.to(device))
 
 
 def build(rollouts: List[Rollout], max_tokens: int, device) -> List[MicroBatch]:

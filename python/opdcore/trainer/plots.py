@@ -1,22 +1,30 @@
-"""Training curves from metrics.jsonl: held-out accuracy, train accuracy, loss and the OPD diagnostics."""
+"""Training curves from metrics.jsonl (curves.png) and the per-position diagnostics from positions.jsonl
+(positions.png: a response position x step heat map of student entropy and per-position curves)."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from typing import Optional
+from typing import List, Optional
 
+# (title, kind, keys): None = the eval accuracy
 PANELS = [
     ("held-out accuracy", "eval", None),
-    ("train accuracy", "train", "train_accuracy"),
-    ("loss", "train", "loss"),
-    ("top-k overlap ratio", "train", "overlap_ratio"),
-    ("entropy gap |H(q) - H(p)|", "train", "entropy_gap"),
-    ("sampled-token reward log q - log p", "train", "sampled_token_reward"),
+    ("train accuracy", "train", ("train_accuracy",)),
+    ("loss", "train", ("loss",)),
+    ("top-k overlap ratio", "train", ("overlap_ratio",)),
+    ("overlap mass (p, q on S ∩ T)", "train", ("overlap_mass_student", "overlap_mass_teacher")),
+    ("overlap-token advantage", "train", ("overlap_advantage",)),
+    ("entropy gap |H(q) - H(p)|", "train", ("entropy_gap",)),
+    ("sampled-token reward log q - log p", "train", ("sampled_token_reward",)),
+    ("reward AUROC (correct vs incorrect)", "train", ("reward_auroc",)),
 ]
+# per-position curves of positions.png
+POSITION_CURVES = [("entropy gap by position", "entropy_gap"), ("overlap ratio by position", "overlap_ratio"),
+                   ("overlap-token advantage by position", "overlap_advantage")]
 
 
-def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
-    """Write curves.png next to metrics.jsonl; returns its path, or None without matplotlib or metrics."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -24,24 +32,98 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    src = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.isfile(src):
+    return plt
+
+
+def _read(path: str) -> List[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
+    """Write curves.png (and positions.png when positions.jsonl exists) next to metrics.jsonl; returns the
+    curves' path, or None without matplotlib or metrics."""
+    plt = _pyplot()
+    rows = _read(os.path.join(out_dir, "metrics.jsonl"))
+    if plt is None or not rows:
         return None
-    with open(src) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (title, kind, key) in zip(axes.flat, PANELS):
+    fig, axes = plt.subplots(3, 3, figsize=(14, 9.5))
+    for ax, (title, kind, keys) in zip(axes.flat, PANELS):
         sel = [r for r in rows if r["kind"] == kind]
-        if key is None:  # the eval accuracy key names its n (accuracy_avg@n)
-            key = next((k for r in sel for k in r if k.startswith("accuracy_avg@")), None)
-        pts = [(r["step"], r[key]) for r in sel if key and key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o" if kind == "eval" else None, lw=1.5)
+        if keys is None:  # the eval accuracy key names its n (accuracy_avg@n)
+            keys = tuple({k for r in sel for k in r if k.startswith("accuracy_avg@")})
+            teacher = [r["teacher_accuracy"] for r in sel if "teacher_accuracy" in r]
+            if teacher:
+                ax.axhline(teacher[0], color="gray", ls="--", lw=1, label="teacher")
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in sel if key in r and not math.isnan(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if kind == "eval" else None, lw=1.5, label=key)
+        if len(keys) > 1 or (kind == "eval" and ax.get_legend_handles_labels()[0]):
+            ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = path or os.path.join(out_dir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    plot_positions(out_dir)
+    return path
+
+
+def plot_positions(out_dir: str, path: Optional[str] = None) -> Optional[str]:
+    """positions.png: student entropy per response-position bucket and step (instability first shows at the
+    end of long responses and moves forward), per-position curves at the first, middle and last step, and the
+    teacher continuation probe by cut depth when it ran."""
+    plt = _pyplot()
+    rows = _read(os.path.join(out_dir, "positions.jsonl"))
+    if plt is None or not rows:
+        return None
+    width = rows[-1]["bucket_width"]
+    steps = [r["step"] for r in rows]
+    nb = len(rows[-1]["student_entropy"])
+    for r in rows:  # buckets with under 1% of a step's tokens are noise: left blank
+        few = [c < 0.01 * sum(r["tokens"]) for c in r["tokens"]]
+        for key in ["student_entropy"] + [k for _, k in POSITION_CURVES if k in r]:
+            r[key] = [math.nan if f else v for f, v in zip(few, r[key])]
+    probes = [r for r in _read(os.path.join(out_dir, "metrics.jsonl")) if r["kind"] == "probe"]
+    ncols = 1 + len(POSITION_CURVES) + bool(probes)
+    fig, axes = plt.subplots(1, ncols, figsize=(5 + 4.5 * (ncols - 1), 4.2))
+    heat = [r["student_entropy"] for r in rows]  # [steps][buckets]; empty buckets are NaN (blank)
+    im = axes[0].imshow(list(map(list, zip(*heat))), aspect="auto", origin="lower", cmap="viridis",
+                        extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, nb * width))
+    fig.colorbar(im, ax=axes[0], label="student entropy (nats)")
+    axes[0].set_title("student entropy by position and step")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("response position (tokens)")
+    centres = [(b + 0.5) * width for b in range(nb)]
+    picks = sorted({0, len(rows) // 2, len(rows) - 1})
+    for ax, (title, key) in zip(axes[1:], POSITION_CURVES):
+        for i in picks:
+            if key in rows[i]:
+                ax.plot(centres, rows[i][key], marker=".",
+                        label=f"step {rows[i]['step']}")
+        ax.set_title(title)
+        ax.set_xlabel("response position (tokens)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if probes:  # the teacher continuation probe: the teacher's advantage by cut depth, first and last probe
+        ax = axes[-1]
+        for r in sorted({0, len(probes) - 1}):
+            pts = sorted((float(k.split("@")[1]), v) for k, v in probes[r].items() if k.startswith("probe_advantage@"))
+            ax.plot(*zip(*pts), marker="o", label=f"step {probes[r]['step']}")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_title("teacher continuation advantage")
+        ax.set_xlabel("cut depth (fraction of the response)")
+        ax.set_ylabel("teacher - student accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = path or os.path.join(out_dir, "positions.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -1,0 +1,169 @@
+"""The OPD diagnostics of METHOD.md section 3, on tensors any trainer has after scoring its rollouts.
+
+Per-position inputs are aligned [R] / [R, k] tensors over the response tokens: the student's top-k ids S_t with
+its log-probs log p_t(S_t), the teacher's top-k ids T_t, and the teacher's log-probs on the student's ids
+log q_t(S_t) (what opdcore's scoring returns). Functions return per-position values, so a caller can average
+them, bucket them by response position (`position_profile`) or all-reduce sums and counts across ranks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["topk_overlap", "overlap_mass", "overlap_advantage", "entropy_gap", "sequence_mean_reward", "auroc",
+           "gap_recovery", "position_profile", "largest_reward_token"]
+
+
+def _check_topk(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:
+    if student_ids.dim() != 2 or teacher_ids.dim() != 2 or student_ids.shape[0] != teacher_ids.shape[0]:
+        raise ValueError(f"student_ids and teacher_ids must be [positions, k] with the same positions, got "
+                         f"{tuple(student_ids.shape)} and {tuple(teacher_ids.shape)}")
+
+
+def _check_aligned(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def _in_teacher_topk(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """[R, k] bool: the student's j-th id is one of the teacher's top-k ids."""
+    return (student_ids.unsqueeze(2) == teacher_ids.unsqueeze(1)).any(2)
+
+
+def topk_overlap(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Overlap ratio |S_t ∩ T_t| / k per position ([R] float32). Rises in successful runs, stagnates in failing
+    ones (METHOD.md 3)."""
+    _check_topk(student_ids, teacher_ids)
+    return _in_teacher_topk(student_ids, teacher_ids).float().mean(1)
+
+
+def _intersection(student_ids, student_logprobs, teacher_ids, teacher_on_student_logprobs) -> torch.Tensor:
+    """S_t ∩ T_t as a mask over the student's ids, without entries either model gives zero probability (a
+    vocabulary with fewer than k reachable tokens pads top-k lists with -inf entries)."""
+    _check_topk(student_ids, teacher_ids)
+    _check_aligned("student_logprobs", student_logprobs, "student_ids", student_ids)
+    _check_aligned("teacher_on_student_logprobs", teacher_on_student_logprobs, "student_ids", student_ids)
+    return (_in_teacher_topk(student_ids, teacher_ids) & (student_logprobs > -math.inf)
+            & (teacher_on_student_logprobs > -math.inf))
+
+
+def overlap_mass(student_ids: torch.Tensor, student_logprobs: torch.Tensor, teacher_ids: torch.Tensor,
+                 teacher_on_student_logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum over S_t ∩ T_t of p_t, the same of q_t) per position ([R] each). Near 0.97-0.99 in practice: the
+    shared support carries almost all of both distributions' mass."""
+    inter = _intersection(student_ids, student_logprobs, teacher_ids, teacher_on_student_logprobs)
+    zero = torch.zeros((), dtype=student_logprobs.dtype, device=student_logprobs.device)
+    p = torch.where(inter, student_logprobs.exp(), zero).sum(1)
+    q = torch.where(inter, teacher_on_student_logprobs.exp(), zero).sum(1)
+    return p, q
+
+
+def overlap_advantage(student_ids: torch.Tensor, student_logprobs: torch.Tensor, teacher_ids: torch.Tensor,
+                      teacher_on_student_logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean over v in S_t ∩ T_t of A_t(v) = pbar(v) (log qbar(v) - log pbar(v)), with pbar and qbar renormalised
+    over the intersection, per position; and the [R] mask of positions where the intersection is not empty (the
+    value is 0 elsewhere and must be left out of averages). Equals -KL(pbar || qbar) / |S_t ∩ T_t| <= 0 and goes
+    toward 0 in successful runs."""
+    inter = _intersection(student_ids, student_logprobs, teacher_ids, teacher_on_student_logprobs)
+    ninf = torch.full((), -math.inf, dtype=student_logprobs.dtype, device=student_logprobs.device)
+    lp = torch.where(inter, student_logprobs, ninf)
+    lq = torch.where(inter, teacher_on_student_logprobs, ninf)
+    has = inter.any(1)
+    log_pbar = lp - lp.logsumexp(1, keepdim=True)
+    log_qbar = lq - lq.logsumexp(1, keepdim=True)
+    a = torch.where(inter, log_pbar.exp() * (log_qbar - log_pbar), torch.zeros_like(lp))
+    count = inter.sum(1)
+    return torch.where(has, a.sum(1) / count.clamp(min=1), torch.zeros_like(a[:, 0])), has
+
+
+def entropy_gap(teacher_entropy: torch.Tensor, student_entropy: torch.Tensor) -> torch.Tensor:
+    """|H(q_t) - H(p_t)| per position (the gap at each position, not the gap of the averages)."""
+    _check_aligned("student_entropy", student_entropy, "teacher_entropy", teacher_entropy)
+    return (teacher_entropy - student_entropy).abs()
+
+
+def sequence_mean_reward(token_reward: torch.Tensor, token_seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """rbar(y) = (1/T) sum_t r_t per sequence ([num_seqs], NaN for a sequence with no tokens), where
+    r_t = log q_t(y_t) - log p_t(y_t) and token_seq[i] in [0, num_seqs) is the sequence of token i."""
+    _check_aligned("token_seq", token_seq, "token_reward", token_reward)
+    if token_reward.dim() != 1:
+        raise ValueError(f"token_reward must be [tokens], got {tuple(token_reward.shape)}")
+    if token_seq.numel() and (int(token_seq.min()) < 0 or int(token_seq.max()) >= num_seqs):
+        raise ValueError(f"token_seq holds sequence ids outside [0, num_seqs={num_seqs})")
+    r = token_reward.double()
+    sums = torch.zeros(num_seqs, dtype=torch.float64, device=r.device).index_add_(0, token_seq, r)
+    counts = torch.zeros(num_seqs, dtype=torch.float64, device=r.device).index_add_(0, token_seq, torch.ones_like(r))
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, math.nan))
+
+
+def auroc(scores: Sequence[float], labels: Sequence[float]) -> float:
+    """Area under the ROC curve of `scores` separating label 1 from label 0 (the Mann-Whitney U statistic; ties
+    count half). Pairs with a NaN score or label are left out; NaN when either class is empty. METHOD.md 3
+    applies it to rbar(y) of correct vs incorrect responses: how informative the teacher's reward is globally."""
+    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    y = torch.as_tensor(labels, dtype=torch.float64).flatten()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.numel()} vs {y.numel()}")
+    keep = ~(s.isnan() | y.isnan())
+    s, y = s[keep], y[keep]
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError("labels must be 0, 1 or NaN")
+    pos = y == 1
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = s.argsort()
+    _, inverse, counts = torch.unique_consecutive(s[order], return_inverse=True, return_counts=True)
+    first = counts.cumsum(0) - counts + 1  # 1-based rank of each tie group's first member
+    ranks = torch.empty_like(s)
+    ranks[order] = (first + (counts - 1) / 2.0).double()[inverse]
+    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
+def gap_recovery(acc_before: float, acc_after: float, acc_teacher: float) -> float:
+    """(acc_after - acc_before) / (acc_teacher - acc_before): the fraction of the student-teacher gap that
+    training closed (1: the teacher's accuracy reached; may exceed 1 or be negative). NaN when the teacher is not
+    ahead of the starting student (there is no gap to recover)."""
+    gap = acc_teacher - acc_before
+    return (acc_after - acc_before) / gap if gap > 0 else math.nan
+
+
+def position_profile(values: torch.Tensor, positions: torch.Tensor, bucket_width: int, num_buckets: int,
+                     mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts) of `values` per response-position bucket ([num_buckets] float64 each): position p falls in
+    bucket min(p // bucket_width, num_buckets - 1). Sums and counts (not means) so ranks and steps can add them;
+    `mask` leaves positions out."""
+    _check_aligned("positions", positions, "values", values)
+    if bucket_width < 1 or num_buckets < 1:
+        raise ValueError(f"bucket_width and num_buckets must be >= 1, got {bucket_width} and {num_buckets}")
+    if positions.numel() and int(positions.min()) < 0:
+        raise ValueError("positions must be >= 0")
+    b = (positions // bucket_width).clamp(max=num_buckets - 1).long()
+    v = values.double()
+    w = torch.ones_like(v)
+    if mask is not None:
+        _check_aligned("mask", mask, "values", values)
+        w = mask.double()
+        v = torch.where(mask, v, torch.zeros_like(v))
+    sums = torch.zeros(num_buckets, dtype=torch.float64, device=v.device).index_add_(0, b, v)
+    counts = torch.zeros(num_buckets, dtype=torch.float64, device=v.device).index_add_(0, b, w)
+    return sums, counts
+
+
+def largest_reward_token(student_sampled_logprobs: torch.Tensor,
+                         teacher_sampled_logprobs: torch.Tensor) -> Tuple[float, float]:
+    """Training health: (r, p - q) at the token with the largest |r_t| = |log q_t(y_t) - log p_t(y_t)|, the
+    position that dominates a sampled-token update. (NaN, NaN) without tokens."""
+    _check_aligned("teacher_sampled_logprobs", teacher_sampled_logprobs, "student_sampled_logprobs",
+                   student_sampled_logprobs)
+    r = (teacher_sampled_logprobs - student_sampled_logprobs).double().flatten()
+    finite = torch.isfinite(r)
+    if not bool(finite.any()):
+        return math.nan, math.nan
+    i = int(torch.where(finite, r.abs(), torch.full_like(r, -1.0)).argmax())
+    p = float(student_sampled_logprobs.flatten()[i].double().exp())
+    q = float(teacher_sampled_logprobs.flatten()[i].double().exp())
+    return float(r[i]), p - q

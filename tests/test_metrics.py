@@ -1,0 +1,139 @@
+"""opdcore.metrics (METHOD.md section 3 diagnostics) against per-position Python loops over the definitions."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from opdcore import metrics as D
+
+
+def _topk_case(R, V, k, seed, neg_inf=False):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(R, V, generator=g, dtype=torch.float64) * 2
+    q = p + torch.randn(R, V, generator=g, dtype=torch.float64)  # a correlated teacher
+    if neg_inf:
+        p[0, 2:] = -math.inf  # fewer reachable tokens than k: -inf entries in the top-k lists
+        q[0, 1:] = -math.inf
+    lp, lq = p.log_softmax(1), q.log_softmax(1)
+    s_lp, s_ids = lp.topk(k, dim=1)
+    t_ids = lq.topk(k, dim=1).indices
+    return s_ids, s_lp, t_ids, lq.gather(1, s_ids), lp, lq
+
+
+def _loop_intersection(s_ids, t_ids, lp, lq, r):
+    return [int(v) for v in s_ids[r] if int(v) in set(t_ids[r].tolist()) and lp[r, v] > -math.inf
+            and lq[r, v] > -math.inf]
+
+
+@given(R=st.integers(1, 6), V=st.integers(2, 40), k=st.integers(1, 12), seed=st.integers(0, 2**31),
+       neg_inf=st.booleans())
+def test_overlap_metrics_match_definitions(R, V, k, seed, neg_inf):
+    k = min(k, V)
+    s_ids, s_lp, t_ids, t_on_s, lp, lq = _topk_case(R, V, k, seed, neg_inf)
+    ratio = D.topk_overlap(s_ids, t_ids)
+    pm, qm = D.overlap_mass(s_ids, s_lp, t_ids, t_on_s)
+    adv, has = D.overlap_advantage(s_ids, s_lp, t_ids, t_on_s)
+    for r in range(R):
+        assert ratio[r].item() == pytest.approx(len(set(s_ids[r].tolist()) & set(t_ids[r].tolist())) / k)
+        inter = _loop_intersection(s_ids, t_ids, lp, lq, r)
+        assert pm[r].item() == pytest.approx(sum(lp[r, v].exp().item() for v in inter), abs=1e-12)
+        assert qm[r].item() == pytest.approx(sum(lq[r, v].exp().item() for v in inter), abs=1e-12)
+        assert bool(has[r]) == bool(inter)
+        if inter:
+            zp = sum(lp[r, v].exp().item() for v in inter)
+            zq = sum(lq[r, v].exp().item() for v in inter)
+            pbar = {v: lp[r, v].exp().item() / zp for v in inter}
+            a = [pbar[v] * (math.log(lq[r, v].exp().item() / zq) - math.log(pbar[v])) for v in inter]
+            assert adv[r].item() == pytest.approx(sum(a) / len(a), abs=1e-9)
+            assert adv[r].item() <= 1e-12  # -KL(pbar || qbar) / |I|
+        else:
+            assert adv[r].item() == 0.0
+
+
+def test_overlap_identical_models():
+    s_ids, s_lp, _, _, lp, _ = _topk_case(4, 30, 5, 0)
+    adv, has = D.overlap_advantage(s_ids, s_lp, s_ids, s_lp)
+    assert has.all() and torch.allclose(adv, torch.zeros(4, dtype=adv.dtype), atol=1e-12)
+    assert torch.equal(D.topk_overlap(s_ids, s_ids), torch.ones(4))
+
+
+def test_entropy_gap_is_per_position():
+    ht, hs = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    assert torch.equal(D.entropy_gap(ht, hs), torch.tensor([1.0, 1.0]))  # the gap of the means would be 0
+
+
+def test_sequence_mean_reward():
+    r = torch.tensor([1.0, 3.0, -2.0, 0.5])
+    seq = torch.tensor([0, 0, 2, 2])
+    out = D.sequence_mean_reward(r, seq, 3)
+    assert out[0].item() == 2.0 and math.isnan(out[1].item()) and out[2].item() == -0.75
+
+
+@given(scores=st.lists(st.sampled_from([-1.0, 0.0, 0.5, 2.0, math.nan]), min_size=0, max_size=30),
+       seed=st.integers(0, 1000))
+def test_auroc_matches_pair_count(scores, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (len(scores),), generator=g).double().tolist()
+    if labels:
+        labels[0] = math.nan  # an ungraded response is left out
+    pairs = [(s, y) for s, y in zip(scores, labels) if not (math.isnan(s) or math.isnan(y))]
+    pos = [s for s, y in pairs if y == 1]
+    neg = [s for s, y in pairs if y == 0]
+    got = D.auroc(scores, labels)
+    if not pos or not neg:
+        assert math.isnan(got)
+        return
+    want = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+def test_auroc_extremes():
+    assert D.auroc([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1]) == 1.0
+    assert D.auroc([0.9, 0.8, 0.1, 0.2], [0, 0, 1, 1]) == 0.0
+    assert D.auroc([1.0, 1.0], [0, 1]) == 0.5
+
+
+def test_gap_recovery():
+    assert D.gap_recovery(0.2, 0.6, 1.0) == pytest.approx(0.5)
+    assert math.isnan(D.gap_recovery(0.5, 0.7, 0.4))  # the teacher is not ahead: nothing to recover
+
+
+def test_position_profile():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    positions = torch.tensor([0, 1, 4, 9, 100])
+    sums, counts = D.position_profile(values, positions, bucket_width=4, num_buckets=3)
+    assert sums.tolist() == [3.0, 3.0, 9.0] and counts.tolist() == [2.0, 1.0, 2.0]  # the last bucket is open
+    sums, counts = D.position_profile(values, positions, 4, 3, mask=torch.tensor([True, False, True, True, True]))
+    assert sums.tolist() == [1.0, 3.0, 9.0] and counts.tolist() == [1.0, 1.0, 2.0]
+
+
+def test_largest_reward_token():
+    slp = torch.tensor([-0.1, -3.0, -0.7])
+    tlp = torch.tensor([-0.2, -0.1, -0.7])
+    r, diff = D.largest_reward_token(slp, tlp)
+    assert r == pytest.approx(2.9) and diff == pytest.approx(math.exp(-3.0) - math.exp(-0.1))
+    assert all(math.isnan(x) for x in D.largest_reward_token(torch.empty(0), torch.empty(0)))
+
+
+def test_errors_name_the_argument():
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="student_ids and teacher_ids"):
+        D.topk_overlap(ids, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="student_logprobs"):
+        D.overlap_mass(ids, torch.zeros(3, 5), ids, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="teacher_on_student_logprobs"):
+        D.overlap_advantage(ids, torch.zeros(3, 4), ids, torch.zeros(3))
+    with pytest.raises(ValueError, match="num_seqs"):
+        D.sequence_mean_reward(torch.zeros(2), torch.tensor([0, 5]), 3)
+    with pytest.raises(ValueError, match="labels"):
+        D.auroc([0.1, 0.2], [0, 2])
+    with pytest.raises(ValueError, match="differ in length"):
+        D.auroc([0.1], [0, 1])
+    with pytest.raises(ValueError, match="bucket_width"):
+        D.position_profile(torch.zeros(2), torch.zeros(2, dtype=torch.long), 0, 3)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        D.position_profile(torch.zeros(2), torch.tensor([0, -1]), 2, 3)
+    with pytest.raises(ValueError, match="student_entropy"):
+        D.entropy_gap(torch.zeros(3), torch.zeros(2))
