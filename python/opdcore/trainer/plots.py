@@ -94,7 +94,7 @@ def plot_positions(out_dir: str, path: Optional[str] = None) -> Optional[str]:
     fig, axes = plt.subplots(1, ncols, figsize=(5 + 4.5 * (ncols - 1), 4.2))
     heat = [r["student_entropy"] for r in rows]  # [steps][buckets]; empty buckets are NaN (blank)
     im = axes[0].imshow(list(map(list, zip(*heat))), aspect="auto", origin="lower", cmap="viridis",
-                        extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, nb * width))
+                        interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, 0, nb * width))
     fig.colorbar(im, ax=axes[0], label="student entropy (nats)")
     axes[0].set_title("student entropy by position and step")
     axes[0].set_xlabel("step")
