@@ -47,6 +47,7 @@ def test_yaml_then_overrides(tmp_path):
     (("loss.dense=jsd", "loss.dense_beta=1.0"), r"loss.dense_beta must be in \(0, 1\)"),
     (("loss.dense=jsd", "loss.renorm_kl=true"), "each choose the loss"),
     (("diagnostics.position_buckets=0",), "diagnostics.position_buckets must be >= 1"),
+    (("train.tensor_parallel=0",), "train.tensor_parallel must be >= 1"),
     (("diagnostics.probe_cuts=[0.5, 1.0]",), r"diagnostics.probe_cuts must be fractions in \[0, 1\)"),
     (("diagnostics.probe_cuts=[]",), r"diagnostics.probe_cuts must be fractions"),
     (("diagnostics.probe_every=-1",), "diagnostics.probe_every must be >= 0"),

@@ -19,7 +19,16 @@ DETERMINISTIC = ("loss", "grad_norm", "train_accuracy", "response_length", "stud
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_run_dir(tmp_path_factory.mktemp("tiny"))
+    return make_tiny_run_dir(tmp_path_factory.mktemp("tiny"), teacher_hidden=128)  # 4 heads: tensor-parallel too
+
+
+def torchrun(tiny, out, nproc, port, **extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={port}", TRAIN,
+           *overrides(tiny, out, **extra)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
 
 
 def run(args, **kw):
@@ -118,35 +127,59 @@ def test_vocab_mismatch_is_an_error_before_training(tiny, tmp_path):
 @pytest.mark.parametrize("extra", [{}, {"loss.dense": "jsd"}])  # dense: the sharded teacher hands over logits
 def test_torchrun_two_processes(tiny, tmp_path, extra):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29517", TRAIN,
-           *overrides(tiny, out, **{"train.steps": 2, "model.teacher_sharding": "fsdp", **extra})]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    torchrun(tiny, out, 2, 29517, **{"train.steps": 2, "model.teacher_sharding": "fsdp", **extra})
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2] and all(m["grad_norm"] > 0 for m in rows)
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
-def test_torchrun_resume_from_sharded_checkpoint(tiny, tmp_path):
-    """Under FSDP each rank writes its own shards; a 2-process run resumed from them continues exactly."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+@pytest.mark.parametrize("extra", [{}, {"train.tensor_parallel": 2}])
+def test_torchrun_resume_from_sharded_checkpoint(tiny, tmp_path, extra):
+    """Under FSDP (or tensor parallelism) each rank writes its own shards; a 2-process run resumed from them
+    continues exactly."""
+    port = 29521 if not extra else 29531
 
-    def torchrun(out, steps, port):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}", TRAIN,
-               *overrides(tiny, out, **{"train.steps": steps, "train.save_every": 2})]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
-        return r
+    def run_to(out, steps, port):
+        return torchrun(tiny, out, 2, port, **{"train.steps": steps, "train.save_every": 2, **extra})
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    torchrun(ref, 4, 29521)
-    torchrun(cut, 2, 29522)
+    run_to(ref, 4, port)
+    run_to(cut, 2, port + 1)
     assert (cut / "checkpoints" / "step_00000002" / "shards").is_dir()
-    r = torchrun(cut, 4, 29523)
+    r = run_to(cut, 4, port + 2)
     assert "resumed from" in r.stdout + r.stderr
     want = {m["step"]: m for m in metrics(ref)}
     got = {m["step"]: m for m in metrics(cut)}
     for step in (3, 4):
         for key in DETERMINISTIC:
             assert got[step][key] == want[step][key], (step, key)
+
+
+TP_SAME = ("loss", "grad_norm", "response_length", "train_accuracy", "student_entropy", "overlap_ratio")
+
+
+def _same_run(a, b, what):
+    for x, y in zip(metrics(a), metrics(b), strict=True):
+        for key in TP_SAME:
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (what, x["step"], key, x[key], y[key])
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5}])
+def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
+    """train.tensor_parallel=2 on 2 processes (both models' layers and LM heads split, vocabulary-parallel losses)
+    trains exactly like one process: the group's first rank samples with the single process's seed."""
+    one, tp = tmp_path / "one", tmp_path / "tp"
+    r = run(overrides(tiny, one, **{"train.steps": 2, **extra}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun(tiny, tp, 2, 29541 if not extra else 29542, **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
+    _same_run(one, tp, "tensor-parallel")
+    assert os.path.isfile(tp / "final" / "model.safetensors")
+
+
+def test_torchrun_2d_matches_data_parallel(tiny, tmp_path):
+    """4 processes as 2 data-parallel x 2 tensor-parallel (FSDP2 over the data-parallel ranks of tensor-parallel
+    models, an FSDP-sharded teacher) train like 2 data-parallel processes."""
+    dp, both = tmp_path / "dp", tmp_path / "2d"
+    torchrun(tiny, dp, 2, 29551, **{"train.steps": 2, "model.teacher_sharding": "fsdp"})
+    torchrun(tiny, both, 4, 29552, **{"train.steps": 2, "model.teacher_sharding": "fsdp", "train.tensor_parallel": 2})
+    _same_run(dp, both, "2-D")

@@ -3,9 +3,10 @@ import json
 import os
 
 
-def make_tiny_run_dir(root, teacher_vocab_pad: int = 4):
-    """Character tokenizer, a random tiny student and a (differently seeded) teacher whose LM head has
-    `teacher_vocab_pad` padding rows, and train/eval JSONL addition prompts. Returns a dict of paths."""
+def make_tiny_run_dir(root, teacher_vocab_pad: int = 4, teacher_hidden: int = 96):
+    """Character tokenizer, a random tiny student (2 heads) and a (differently seeded) teacher of teacher_hidden / 32
+    heads whose LM head has `teacher_vocab_pad` padding rows, and train/eval JSONL addition prompts. Returns a dict
+    of paths."""
     from opdcore.data.synthetic import build_char_tokenizer, make_addition_problems, tiny_llama
 
     root = str(root)
@@ -13,7 +14,7 @@ def make_tiny_run_dir(root, teacher_vocab_pad: int = 4):
     tok = build_char_tokenizer(tok_dir)
     paths = {"tokenizer": tok_dir}
     # head_dim 32: the smallest vLLM's CPU attention supports
-    for name, hidden, seed, pad in (("student", 64, 1, 0), ("teacher", 96, 2, teacher_vocab_pad)):
+    for name, hidden, seed, pad in (("student", 64, 1, 0), ("teacher", teacher_hidden, 2, teacher_vocab_pad)):
         model = tiny_llama(len(tok) + pad, hidden=hidden, layers=1, heads=hidden // 32, max_positions=256, tokenizer=tok,
                            seed=seed)
         d = os.path.join(root, name)

@@ -90,6 +90,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
     log_every: int = 1
     threads: int = 0  # torch threads per process; 0: cores / local world size
+    tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor); the world is data-parallel x this
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
 
@@ -162,6 +163,7 @@ RANGES = [
     ("train.keep_checkpoints", lambda v: v >= 1, ">= 1"),
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.threads", lambda v: v >= 0, ">= 0"),
+    ("train.tensor_parallel", lambda v: v >= 1, ">= 1"),
     ("eval.every", lambda v: v >= 0, ">= 0"),
     ("eval.max_prompts", lambda v: v >= 0, ">= 0"),
     ("eval.n", lambda v: v >= 1, ">= 1"),

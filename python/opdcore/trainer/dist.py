@@ -17,6 +17,55 @@ def init() -> None:
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
 
 
+_mesh = None  # the ("dp", "tp") device mesh when tensor parallelism is on
+
+
+def init_mesh(tensor_parallel: int):
+    """World = data-parallel x tensor-parallel ranks; consecutive ranks form a tensor-parallel group. Returns the
+    ("dp", "tp") DeviceMesh, or None with tensor_parallel == 1."""
+    global _mesh
+    if tensor_parallel == 1:
+        return None
+    if world() % tensor_parallel:
+        raise ValueError(f"train.tensor_parallel={tensor_parallel} must divide the world size {world()}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    _mesh = init_device_mesh(device().type, (world() // tensor_parallel, tensor_parallel),
+                             mesh_dim_names=("dp", "tp"))
+    return _mesh
+
+
+def tp_world() -> int:
+    return _mesh["tp"].size() if _mesh is not None else 1
+
+
+def tp_rank() -> int:
+    return rank() % tp_world()
+
+
+def tp_group():
+    return _mesh["tp"].get_group() if _mesh is not None else None
+
+
+def dp_rank() -> int:
+    """This rank's data shard: tensor-parallel peers share one (the same prompts and rollouts)."""
+    return rank() // tp_world()
+
+
+def dp_world() -> int:
+    return world() // tp_world()
+
+
+def broadcast_in_tp_group(obj):
+    """The tensor-parallel group's first rank's object on every rank of the group."""
+    if _mesh is None:
+        return obj
+    group = tp_group()
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -11,6 +11,7 @@ from opdcore.config import Config, to_dict
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
 from opdcore.data.reward import verify
 from opdcore.metrics import gap_recovery
+from opdcore.parallel.tensor_parallel import parallelize
 from opdcore.rollout import SamplingConfig
 from opdcore.rollout.hf import HFEngine
 from opdcore.trainer import checkpoint, dist, metrics as M
@@ -42,10 +43,11 @@ class Trainer:
         self.cfg = cfg
         self.device = dist.device()
         self.threads = _threads(cfg)
-        if cfg.train.prompts_per_step % dist.world():
-            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the world "
-                             f"size {dist.world()}")
-        torch.manual_seed(cfg.train.seed + dist.rank())
+        self.mesh = dist.init_mesh(cfg.train.tensor_parallel)
+        if cfg.train.prompts_per_step % dist.dp_world():
+            raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the number "
+                             f"of data-parallel ranks {dist.dp_world()}")
+        torch.manual_seed(cfg.train.seed + dist.dp_rank())  # tensor-parallel peers draw the same numbers
         self.out = cfg.train.output_dir
         paths = self._resolve_paths()
         self._load_models(paths)
@@ -55,7 +57,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, o.schedule, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
         self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, seed=cfg.train.seed,
-                                     rank=dist.rank(), world_size=dist.world())
+                                     rank=dist.dp_rank(), world_size=dist.dp_world())
         self.step = 0
         self.baseline: Dict[str, float] = {}  # held-out accuracy before training: student, teacher
         self._maybe_resume()
@@ -94,12 +96,21 @@ class Trainer:
         self.sharded = dist.world() > 1
         # rollouts: the training model itself in one process; a plain replica synced after each step under FSDP
         engine_model = copy.deepcopy(student_hf).eval() if self.sharded else student_hf
-        self.student = OPDModel(student_hf, self.vocab, fused=self.cfg.loss.fused_lm_head)
-        self.teacher = OPDModel(teacher_hf, self.vocab, fused=self.cfg.loss.fused_lm_head)
-        if self.sharded:
-            shard(self.student)
+        if self.mesh is not None:  # tensor parallelism: both models, the LM heads by vocabulary shards
+            rows = [hf.get_output_embeddings().weight.shape[0] for hf in (student_hf, teacher_hf)]
+            if self.cfg.loss.dense != "none" and rows[0] != rows[1]:
+                raise ValueError(f"loss.dense with train.tensor_parallel > 1 needs LM heads of the same size (the "
+                                 f"same vocabulary shards): the student has {rows[0]} rows, the teacher {rows[1]}")
+            for hf in (student_hf, teacher_hf):
+                parallelize(hf, self.mesh["tp"])
+        tp = dist.tp_group()
+        self.student = OPDModel(student_hf, self.vocab, fused=self.cfg.loss.fused_lm_head, tp_group=tp)
+        self.teacher = OPDModel(teacher_hf, self.vocab, fused=self.cfg.loss.fused_lm_head, tp_group=tp)
+        if dist.dp_world() > 1:  # FSDP2 over the data-parallel ranks
+            dp_mesh = self.mesh["dp"] if self.mesh is not None else None
+            shard(self.student, dp_mesh)
             if m.teacher_sharding == "fsdp":
-                shard(self.teacher)
+                shard(self.teacher, dp_mesh)
         r = self.cfg.rollout
         if r.engine == "vllm":
             from opdcore.rollout.vllm_engine import VLLMEngine
@@ -201,8 +212,10 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, M.Timer()
         idx = next(self.sampler)
-        with timer("rollout"):
-            rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling())
+        with timer("rollout"):  # tensor-parallel peers train on the same rollouts: their first rank samples
+            rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling()) \
+                if dist.tp_rank() == 0 else None
+            rollouts = dist.broadcast_in_tp_group(rollouts)
         answers = [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts]
         correct = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), a) if a is not None
                    else float("nan") for r, a in zip(rollouts, answers)]
@@ -295,10 +308,10 @@ class Trainer:
         return f"accuracy_avg@{self.cfg.eval.n}"
 
     def _teacher_engine(self, why: str):
-        """transformers generate with the teacher, or None (with a message) when the teacher is FSDP-sharded:
-        each FSDP forward is a collective, and ranks generate different lengths."""
-        if self.sharded and self.cfg.model.teacher_sharding == "fsdp":
-            self.log.message(f"{why} skipped: the teacher is FSDP-sharded")
+        """transformers generate with the teacher, or None (with a message) when the teacher is sharded: each
+        FSDP or tensor-parallel forward is a collective, and ranks generate different lengths."""
+        if self.mesh is not None or (self.sharded and self.cfg.model.teacher_sharding == "fsdp"):
+            self.log.message(f"{why} skipped: the teacher is sharded (FSDP or tensor-parallel)")
             return None
         return HFEngine(self.teacher.hf, self.tokenizer, batch_size=self.cfg.rollout.batch_size,
                         shares_training_model=True, vocab_limit=self.vocab)

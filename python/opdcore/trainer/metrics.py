@@ -128,7 +128,9 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     out["grad_norm"] = upd["grad_norm"]
     out["step_skipped"] = upd["step_skipped"]
     out["lr"] = optimizer.param_groups[0]["lr"]
-    tokens = float(dist.all_reduce([sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)])[0])
+    # tensor-parallel peers hold the same rollouts: count them once
+    tokens = float(dist.all_reduce([sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)])[0]) / \
+        dist.tp_world()
     total_time = sum(timer.seconds.values())
     out["tokens_per_s"] = tokens / total_time if total_time > 0 else float("nan")
     for k, v in timer.seconds.items():

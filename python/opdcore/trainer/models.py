@@ -1,4 +1,5 @@
-"""Student and teacher models: loading, vocabulary alignment, the fused-head wrapper, FSDP2 sharding."""
+"""Student and teacher models: loading, vocabulary alignment, the fused-head wrapper, FSDP2 sharding and tensor
+parallelism (vocabulary-parallel losses on the LM head's shards)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -7,7 +8,9 @@ import torch
 import torch.nn as nn
 
 import opdcore
+from opdcore import parallel as P
 from opdcore.ops import dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, renorm_topk_kl_linear
+from opdcore.parallel.tensor_parallel import local_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,11 +68,15 @@ class OPDModel(nn.Module):
     positions whose hidden state predicts a response token (the position before it).
     """
 
-    def __init__(self, hf_model: nn.Module, vocab: int, fused: bool = True):
+    def __init__(self, hf_model: nn.Module, vocab: int, fused: bool = True, tp_group=None):
         super().__init__()
         self.hf = hf_model
         self.vocab = vocab
         self.fused = fused and _fused_head_supported(hf_model)
+        self.tp_group = tp_group  # set: hf_model is tensor-parallel (opdcore.parallel.tensor_parallel.parallelize)
+        if tp_group is not None and not _fused_head_supported(hf_model):
+            raise ValueError(f"tensor parallelism needs a plain LM head (no logit soft-capping, scale or bias); "
+                             f"{type(hf_model).__name__} post-processes its logits")
 
     def _hidden(self, input_ids, attention_mask, pred_index):
         base = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.base_model
@@ -77,6 +84,8 @@ class OPDModel(nn.Module):
         return h.reshape(-1, h.shape[-1])[pred_index]
 
     def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
+        if self.tp_group is not None:
+            return self._forward_tp(self._hidden(input_ids, attention_mask, pred_index), mode, **kw)
         if not self.fused:
             logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]
@@ -113,6 +122,43 @@ class OPDModel(nn.Module):
                 h, w, sampled, (lp_rollout + adv)[:, None], kw["token_weights"] * kw["outcome_weight"],
                 weight_mode="none", temperature=kw["temperature"])[0]
         return loss
+
+    def _forward_tp(self, h, mode, **kw):
+        """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard. Extraction streams the shard
+        from hidden states; the losses take the shard's logits [R, V/tp] (the column-parallel head all-reduces
+        the hidden states' gradient across the group) and the vocabulary-parallel ops combine the shards."""
+        head, g = self.hf.get_output_embeddings(), self.tp_group
+        _, cols = local_vocab(head.weight, self.vocab)
+        if mode == "score":
+            with torch.no_grad():
+                return P.vocab_parallel_linear_topk(h, head.weight.to_local()[:cols], kw["k"], ids=kw["ids"],
+                                                    temperature=kw["temperature"], group=g)
+        logits = head(h)[:, :cols]
+        if mode == "head":
+            return logits, None
+        if mode == "loss":
+            per_token = P.vocab_parallel_opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                                       weight_mode=kw["weight_mode"], temperature=kw["temperature"],
+                                                       log_ratio_clip=kw["log_ratio_clip"], group=g).loss
+        elif mode == "renorm_kl":
+            per_token = P.vocab_parallel_renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                                        temperature=kw["temperature"], group=g)
+        elif mode == "dense":
+            t_logits = kw["teacher_head"][0] * kw["teacher_scale"]
+            if t_logits.shape != logits.shape:
+                raise ValueError(f"loss.dense with tensor parallelism needs student and teacher LM heads of the "
+                                 f"same size (the same vocabulary shards): shard {tuple(logits.shape)} vs "
+                                 f"{tuple(t_logits.shape)}")
+            per_token = P.vocab_parallel_dense_divergence(logits, t_logits.to(logits.dtype), kw["divergence"],
+                                                          beta=kw["beta"], temperature=kw["temperature"], group=g)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        if kw.get("outcome") is not None:
+            sampled, lp_rollout, adv = kw["outcome"]
+            per_token = per_token + kw["outcome_weight"] * P.vocab_parallel_opd_topk_loss(
+                logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"],
+                group=g).loss
+        return (per_token * kw["token_weights"]).sum()
 
     def _from_logits(self, logits, mode, **kw):
         if mode == "head":
@@ -159,13 +205,14 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard(model: OPDModel) -> OPDModel:
-    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, LM head)."""
+def shard(model: OPDModel, mesh=None) -> OPDModel:
+    """FSDP2: one unit per decoder layer plus the root (embeddings, final norm, LM head), over `mesh` (the
+    data-parallel dimension when tensor parallelism is on; default: all ranks)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model.hf):
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

@@ -11,6 +11,7 @@ import torch
 from opdcore.config import Config
 from opdcore.losses import default_weight_mode
 from opdcore.ops import build_token_set
+from opdcore.parallel.tensor_parallel import clip_grad_norm
 from opdcore.trainer.microbatch import MicroBatch
 
 
@@ -127,7 +128,7 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
                        outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight, **dense)
         loss.backward()
         total += float(loss.detach())
-    grad_norm = _clip(params, cfg.optim.grad_clip)
+    grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 / tensor-parallel DTensor gradients too
     skipped = not math.isfinite(grad_norm)
     if skipped:
         warnings.warn(f"gradient norm is {grad_norm}: skipping this optimizer step")
@@ -138,9 +139,3 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
     return {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
 
 
-def _clip(params, max_norm: float) -> float:
-    # clip_grad_norm_ handles FSDP2's DTensor gradients (the norm is reduced across ranks)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
