@@ -111,7 +111,8 @@ def test_plan_and_divisibility_errors():
         tensor_parallel_plan(nn.Sequential(nn.Linear(4, 4)))
     from opdcore.parallel.tensor_parallel import _check_divisible
 
-    with pytest.raises(ValueError, match="num_attention_heads divisible by 4; LlamaForCausalLM has num_attention_heads=2"):
+    with pytest.raises(ValueError, match="needs num_attention_heads divisible by 4; LlamaForCausalLM has "
+                                         "num_attention_heads=2"):
         _check_divisible(m, 4)
 
 
