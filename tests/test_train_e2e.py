@@ -130,6 +130,9 @@ def test_torchrun_two_processes(tiny, tmp_path, extra):
     torchrun(tiny, out, 2, 29517, **{"train.steps": 2, "model.teacher_sharding": "fsdp", **extra})
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2] and all(m["grad_norm"] > 0 for m in rows)
+    # the sharded teacher generates in lockstep on both ranks: its accuracy, the gap recovery rate
+    evals = metrics(out, "eval")
+    assert "teacher_accuracy" in evals[1] and "gap_recovery" in evals[-1]
     assert os.path.isfile(out / "final" / "model.safetensors")
 
 
@@ -164,15 +167,19 @@ def _same_run(a, b, what):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (what, x["step"], key, x[key], y[key])
 
 
-@pytest.mark.parametrize("extra", [{}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5}])
+@pytest.mark.parametrize("extra", [{"diagnostics.probe_every": 1}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5}])
 def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
     """train.tensor_parallel=2 on 2 processes (both models' layers and LM heads split, vocabulary-parallel losses)
-    trains exactly like one process: the group's first rank samples with the single process's seed."""
+    trains exactly like one process: the group's first rank samples with the single process's seed. The
+    tensor-parallel teacher's evaluation and continuation probe match too."""
     one, tp = tmp_path / "one", tmp_path / "tp"
     r = run(overrides(tiny, one, **{"train.steps": 2, **extra}))
     assert r.returncode == 0, r.stderr[-3000:]
-    torchrun(tiny, tp, 2, 29541 if not extra else 29542, **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
+    torchrun(tiny, tp, 2, 29541 if "loss.renorm_kl" in extra else 29542,
+             **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
     _same_run(one, tp, "tensor-parallel")
+    for kind in ("eval", "probe"):
+        assert metrics(one, kind) == metrics(tp, kind), kind
     assert os.path.isfile(tp / "final" / "model.safetensors")
 
 

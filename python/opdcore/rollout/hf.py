@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
@@ -43,6 +44,10 @@ class _MaskPaddedVocab(LogitsProcessor):
         return scores
 
 
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 class HFEngine(RolloutEngine):
     """Generates with a plain (unsharded) copy of the student.
 
@@ -51,8 +56,11 @@ class HFEngine(RolloutEngine):
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 64, shares_training_model: bool = False,
-                 vocab_limit: int = 0):
+                 vocab_limit: int = 0, synced: bool = False):
         self.model = model
+        # synced: the model is sharded (FSDP2 or tensor-parallel), so every forward is a collective: all ranks run
+        # the same number of generate calls (padding with a throw-away batch) and of decoding steps (synced_gpus)
+        self.synced = synced
         self.vocab_limit = vocab_limit
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -67,8 +75,15 @@ class HFEngine(RolloutEngine):
         try:
             out: List[Rollout] = []
             expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
-            for start in range(0, len(expanded), self.batch_size):
-                out.extend(self._generate_batch(expanded[start:start + self.batch_size], sampling))
+            batches = [expanded[s:s + self.batch_size] for s in range(0, len(expanded), self.batch_size)]
+            for batch in batches:
+                out.extend(self._generate_batch(batch, sampling))
+            if self.synced and dist.is_initialized():
+                most = torch.tensor([len(batches)], device=_comm_device())
+                dist.all_reduce(most, op=dist.ReduceOp.MAX)
+                filler = [(0, [self.tokenizer.pad_token_id])]
+                for _ in range(int(most) - len(batches)):
+                    self._generate_batch(filler, sampling)
             return out
         finally:
             self.model.train(was_training)
@@ -98,7 +113,7 @@ class HFEngine(RolloutEngine):
         config = GenerationConfig(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, temperature=1.0,
                                   top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos, bos_token_id=tok.bos_token_id)
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                  logits_processor=processors)
+                                  logits_processor=processors, synced_gpus=self.synced and dist.is_initialized())
         new = gen[:, width:].cpu()
         logprobs = recorder.finish(new[:, -1].to(recorder.prev.device) if new.shape[1] else new[:, 0]).cpu()
         rollouts = []

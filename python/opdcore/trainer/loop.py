@@ -18,7 +18,8 @@ from opdcore.trainer import checkpoint, dist, metrics as M
 from opdcore.trainer import microbatch, step as S
 from opdcore.trainer.logger import MetricsLogger
 from opdcore.trainer.probe import continuation_probe
-from opdcore.trainer.models import OPDModel, full_state_dict, load_causal_lm, load_tokenizer, shard, vocab_limit
+from opdcore.trainer.models import (GenerateThroughRoot, OPDModel, full_state_dict, load_causal_lm, load_tokenizer,
+                                    shard, vocab_limit)
 from opdcore.trainer.schedule import make_scheduler
 
 
@@ -240,15 +241,20 @@ class Trainer:
                                                 bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb)
         return out
 
-    def evaluate(self, engine=None) -> Dict[str, float]:
-        """Held-out accuracy of the student (or of the model behind `engine`)."""
+    def evaluate(self, engine=None, split=None) -> Dict[str, float]:
+        """Held-out accuracy of the student (or of the model behind `engine`); this rank evaluates the prompts
+        r, r + n, ... for split = (r, n), by default (rank, world)."""
         e = self.cfg.eval
-        mine = list(range(dist.rank(), len(self.eval_ids), dist.world()))
+        r, n = split or (dist.rank(), dist.world())
+        mine = list(range(r, len(self.eval_ids), n))
         if not self.eval_ids:
             return {}
         sampling = SamplingConfig(n=e.n, temperature=e.temperature,
                                   top_p=1.0, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
-        rollouts = (engine or self.engine).generate([self.eval_ids[i] for i in mine], sampling) if mine else []
+        engine = engine or self.engine
+        # a synced engine joins the other ranks' generation even without prompts of its own
+        rollouts = engine.generate([self.eval_ids[i] for i in mine], sampling) \
+            if mine or getattr(engine, "synced", False) else []
         scores = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
                          self.eval_prompts[mine[r.prompt_index]].answer) for r in rollouts]
         total, count = dist.all_reduce([sum(scores), len(scores)])
@@ -307,21 +313,19 @@ class Trainer:
     def _acc_key(self) -> str:
         return f"accuracy_avg@{self.cfg.eval.n}"
 
-    def _teacher_engine(self, why: str):
-        """transformers generate with the teacher, or None (with a message) when the teacher is sharded: each
-        FSDP or tensor-parallel forward is a collective, and ranks generate different lengths."""
-        if self.mesh is not None or (self.sharded and self.cfg.model.teacher_sharding == "fsdp"):
-            self.log.message(f"{why} skipped: the teacher is sharded (FSDP or tensor-parallel)")
-            return None
-        return HFEngine(self.teacher.hf, self.tokenizer, batch_size=self.cfg.rollout.batch_size,
-                        shares_training_model=True, vocab_limit=self.vocab)
+    def _teacher_engine(self) -> HFEngine:
+        """transformers generate with the teacher. A sharded teacher (FSDP2 or tensor-parallel) generates in
+        lockstep on every rank (each forward is a collective), entered through its root forward."""
+        sharded = self.mesh is not None or (self.sharded and self.cfg.model.teacher_sharding == "fsdp")
+        return HFEngine(GenerateThroughRoot(self.teacher), self.tokenizer, batch_size=self.cfg.rollout.batch_size,
+                        shares_training_model=True, vocab_limit=self.vocab, synced=sharded)
 
     def _evaluate_teacher(self) -> None:
         """The teacher's held-out accuracy, once: the ceiling the gap recovery rate is measured against."""
-        engine = self._teacher_engine("diagnostics.eval_teacher") if self.cfg.diagnostics.eval_teacher else None
-        if engine is None:
+        if not self.cfg.diagnostics.eval_teacher:
             return
-        acc = self.evaluate(engine)[self._acc_key()]
+        # tensor-parallel peers must decode the same prompts
+        acc = self.evaluate(self._teacher_engine(), split=(dist.dp_rank(), dist.dp_world()))[self._acc_key()]
         self.baseline["teacher"] = acc
         self.log.log(0, {"teacher_accuracy": acc}, kind="eval")
         self.log.message(f"step 0: teacher accuracy {acc:.4f}")
@@ -329,19 +333,18 @@ class Trainer:
     def probe(self) -> None:
         """The teacher continuation probe on held-out prompts (diagnostics.probe_*), logged as kind "probe"."""
         d = self.cfg.diagnostics
-        engine = self._teacher_engine("diagnostics.probe_every") if d.probe_every and self.eval_ids else None
-        if engine is None:
+        if not (d.probe_every and self.eval_ids):
             return
-        mine = list(range(dist.rank(), min(d.probe_prompts, len(self.eval_ids)), dist.world()))
+        mine = list(range(dist.dp_rank(), min(d.probe_prompts, len(self.eval_ids)), dist.dp_world()))
 
         def check(i, response_ids):
             text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
             return verify(text, self.eval_prompts[mine[i]].answer)
 
-        res = continuation_probe(self.engine, engine, [self.eval_ids[i] for i in mine], check, d.probe_cuts,
-                                 self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
+        res = continuation_probe(self.engine, self._teacher_engine(), [self.eval_ids[i] for i in mine], check,
+                                 d.probe_cuts, self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
                                  temperature=self.cfg.rollout.temperature,
-                                 reduce=lambda xs: dist.all_reduce(xs).tolist())
+                                 reduce=lambda xs: dist.all_reduce(xs).tolist(), share=dist.broadcast_in_tp_group)
         self.log.log(self.step, res, kind="probe")
         adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
         self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")

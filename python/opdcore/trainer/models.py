@@ -84,6 +84,8 @@ class OPDModel(nn.Module):
         return h.reshape(-1, h.shape[-1])[pred_index]
 
     def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
+        if mode == "generate":  # transformers generate inside the root forward (see GenerateThroughRoot)
+            return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
         if self.tp_group is not None:
             return self._forward_tp(self._hidden(input_ids, attention_mask, pred_index), mode, **kw)
         if not self.fused:
@@ -188,6 +190,36 @@ class OPDModel(nn.Module):
             per_token = per_token + kw["outcome_weight"] * opdcore.opd_topk_loss(
                 logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"]).loss
         return (per_token * kw["token_weights"]).sum()
+
+
+class GenerateThroughRoot:
+    """The model interface HFEngine uses, generating through OPDModel.forward(mode="generate"): a sharded model
+    (FSDP2 unit per layer plus the OPDModel root holding embeddings, final norm and LM head) must be entered
+    through the root's forward, which gathers the root's parameters and sets up the layers' hooks."""
+
+    def __init__(self, model: OPDModel):
+        self.model = model
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def get_output_embeddings(self):
+        return self.model.hf.get_output_embeddings()
+
+    def generate(self, input_ids, attention_mask, **kw):
+        return self.model(input_ids, attention_mask, None, "generate", **kw)
 
 
 def decoder_layers(hf_model: nn.Module):

@@ -10,25 +10,31 @@ from opdcore.rollout import RolloutEngine, SamplingConfig
 
 def continuation_probe(student: RolloutEngine, teacher: RolloutEngine, prompts: List[List[int]],
                        check: Callable[[int, List[int]], float], cuts: Sequence[float], max_new_tokens: int,
-                       temperature: float = 1.0, reduce: Optional[Callable[[list], list]] = None) -> Dict[str, float]:
+                       temperature: float = 1.0, reduce: Optional[Callable[[list], list]] = None,
+                       share: Optional[Callable[[list], list]] = None) -> Dict[str, float]:
     """Accuracy of each model continuing from the student's responses cut at `cuts` (fractions of each
     response's length; 0 continues from the prompt alone).
 
     check(i, response_ids) grades a full response to prompt i (1/0, NaN: ungraded). The student samples one
     response per prompt at `temperature`; the continuations are greedy with up to max_new_tokens new tokens.
-    `reduce` sums the [correct_teacher, correct_student, graded] counts across ranks (data parallelism).
+    `reduce` sums the [correct_teacher, correct_student, graded] counts across ranks (data parallelism);
+    `share` replaces the sampled responses with those of the rank whose inputs this rank must match (tensor
+    parallelism: one sample per group). A synced teacher engine joins the generation even without prompts.
     Returns probe_teacher@c, probe_student@c and probe_advantage@c (teacher - student) per cut c.
     """
     if not cuts or any(not 0.0 <= c < 1.0 for c in cuts):
         raise ValueError(f"cuts must be fractions in [0, 1), got {list(cuts)}")
-    rollouts = student.generate(prompts, SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens))
+    rollouts = student.generate(prompts, SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens)) \
+        if prompts else []
+    if share is not None:
+        rollouts = share(rollouts)
     greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
     counts = []
     for c in cuts:
         prefixes = [r.response_ids[:int(c * len(r.response_ids))] for r in rollouts]
         starts = [r.prompt_ids + p for r, p in zip(rollouts, prefixes)]
         row = [0.0, 0.0, 0.0]
-        by_t = teacher.generate(starts, greedy) if starts else []
+        by_t = teacher.generate(starts, greedy) if starts or getattr(teacher, "synced", False) else []
         by_s = student.generate(starts, greedy) if starts else []
         for r, p, t, s in zip(rollouts, prefixes, by_t, by_s):
             ok_t, ok_s = check(r.prompt_index, p + t.response_ids), check(r.prompt_index, p + s.response_ids)
