@@ -1,4 +1,5 @@
 """Trainer pieces without models: token sets per strategy, aggregation weights, checkpoints, schedules."""
+import math
 import os
 
 import pytest
@@ -201,3 +202,26 @@ def test_non_finite_gradient_skips_the_step():
         out = S.update(student, opt, sched, [_mb([1], [0])], [(None, None, None, "none")], [torch.ones(1)],
                        Config(), list(student.parameters()))
     assert out["step_skipped"] == 1.0 and student.w.item() == 1.0
+
+
+def test_sequence_diagnostics_over_micro_batches():
+    """rbar per response from whichever micro-batch holds it; AUROC against the grades; the largest |reward|."""
+    from opdcore.rollout import Rollout
+    from opdcore.trainer import metrics as M
+
+    def scored(slp, tlp):
+        n = len(slp)
+        return S.Scored(None, None, torch.zeros(n), torch.tensor(slp), None, None, None, torch.zeros(n),
+                        torch.tensor(tlp))
+
+    rollouts = [Rollout(0, [1], [2, 3], None, True) for _ in range(4)]
+    # response 1 and 3 in the first micro-batch, 0 and 2 in the second; rbar = 1.5, -1.0, 0.5, -0.25
+    mbs = [_mb([5, 5, 5, 5], [1, 1, 3, 3]), None, _mb([5, 5, 5], [0, 2, 2])]
+    sc = [scored([0.0, 0.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.5]), None,
+          scored([-2.5, -1.0, -2.0], [-1.0, -0.5, -1.5])]
+    out = M._sequence_diagnostics(rollouts, [1.0, 0.0, 1.0, float("nan")], mbs, sc)
+    assert out["reward_auroc"] == 1.0  # correct responses 0 (1.5) and 2 (0.5) both above incorrect 1 (-1.0)
+    out = M._sequence_diagnostics(rollouts, [0.0, 0.0, 1.0, 1.0], mbs, sc)
+    assert out["reward_auroc"] == 0.5  # correct {0.5, -0.25} vs incorrect {1.5, -1.0}: 2 of 4 pairs
+    assert out["largest_token_reward"] == 1.5
+    assert out["p_minus_q_at_largest_reward"] == pytest.approx(math.exp(-2.5) - math.exp(-1.0))

@@ -56,20 +56,18 @@ def _per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
 def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
     """Over all ranks' responses: AUROC of the sequence mean reward for correct vs incorrect responses, and the
     token with the largest |log q - log p| (training health)."""
-    rbar_sum = torch.zeros(len(rollouts), dtype=torch.float64)
-    rbar_cnt = torch.zeros(len(rollouts), dtype=torch.float64)
+    rbar = torch.full((len(rollouts),), math.nan, dtype=torch.float64)
     largest = (math.nan, math.nan)
     for mb, sc in zip(mbs, scored):
         if mb is None:
             continue
-        r = (sc.teacher_sampled_lp - sc.student_sampled_lp).double().cpu()
-        seq = mb.token_seq.cpu()
-        rbar_sum.index_add_(0, seq, r)
-        rbar_cnt.index_add_(0, seq, torch.ones_like(r))
+        # a response lies in one micro-batch: the others leave it NaN
+        r = D.sequence_mean_reward((sc.teacher_sampled_lp - sc.student_sampled_lp).cpu(), mb.token_seq.cpu(),
+                                   len(rollouts))
+        rbar = torch.where(r.isnan(), rbar, r)
         cand = D.largest_reward_token(sc.student_sampled_lp, sc.teacher_sampled_lp)
         if math.isnan(largest[0]) or abs(cand[0]) > abs(largest[0]):
             largest = cand
-    rbar = torch.where(rbar_cnt > 0, rbar_sum / rbar_cnt.clamp(min=1), torch.full_like(rbar_sum, math.nan))
     parts = dist.gather_objects((rbar.tolist(), list(correct), largest))
     scores = [x for p in parts for x in p[0]]
     labels = [x for p in parts for x in p[1]]
