@@ -1,6 +1,7 @@
 """One OPD update micro-batch (forward + backward of the top-16 loss through the trainer's model wrapper) on a
 Llama-shaped student, in one process with 2 threads against 2 tensor-parallel processes with 1 thread each (the
-same cores): time, parameters held per rank, peak extra resident memory per rank.
+same cores): time, parameters held per rank, and the peak extra resident memory per rank of one call (its
+activations, logits and the gradients it allocates).
 
 Tensor parallelism splits the layers' projections and the LM head (a vocabulary shard per rank, the losses
 through opdcore's vocabulary-parallel ops), so weights and the [tokens, vocab] logits shrink by the group size.
@@ -46,11 +47,11 @@ def _model(args):
 def _measure(model, args):
     ids, mask, pred, kw = _inputs(args)
 
-    def step():
-        model.zero_grad(set_to_none=True)
+    def step():  # gradients accumulate across calls: the same work every time
         model(ids, mask, pred, "loss", **kw).backward()
 
     sec = median_seconds(step, repeats=args.repeats, warmup=1)
+    model.zero_grad(set_to_none=True)  # the measured call allocates the gradients too
     mib = peak_extra_mib(step)
     params = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters()) / 2**20
     return sec * 1e3, params, mib

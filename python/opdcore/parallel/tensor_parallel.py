@@ -1,6 +1,6 @@
 """Tensor parallelism of Hugging Face decoder LMs with PyTorch's DTensor (`parallelize_module`), Megatron-style:
 attention q/k/v and MLP gate/up projections column-parallel, o/down row-parallel (one all-reduce each per
-layer), and the LM head column-parallel, so each rank holds a contiguous vocabulary shard of the logits and the
+layer), the input embedding split by vocabulary rows, and the LM head column-parallel, so each rank holds a contiguous vocabulary shard of the logits and the
 opdcore.parallel vocabulary-parallel ops finish the job without ever gathering [tokens, vocab].
 
 Also the gradient-norm clip that FSDP2 and tensor-parallel parameters need (torch's clip_grad_norm_ refuses a
@@ -49,8 +49,9 @@ def tensor_parallel_plan(hf_model: nn.Module) -> Dict[str, object]:
 
 
 def parallelize(hf_model: nn.Module, mesh) -> nn.Module:
-    """Shard hf_model over the 1-D DeviceMesh `mesh` in place (see tensor_parallel_plan). A tied input embedding
-    is sharded the same way (vocabulary rows) and stays tied to the LM head."""
+    """Shard hf_model over the 1-D DeviceMesh `mesh` in place (see tensor_parallel_plan). The input embedding is
+    split by vocabulary rows too (each rank looks up its rows, one all-reduce), so only the norms stay
+    replicated; a tied embedding stays tied to the LM head (the same rows on the same rank)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
@@ -58,7 +59,7 @@ def parallelize(hf_model: nn.Module, mesh) -> nn.Module:
     plan = tensor_parallel_plan(hf_model)
     emb, head = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
     tied = emb is not None and emb.weight is head.weight
-    if tied:
+    if isinstance(emb, nn.Embedding):
         plan[next(n for n, m in hf_model.named_modules() if m is emb)] = RowwiseParallel(input_layouts=Replicate())
     parallelize_module(hf_model, mesh, plan)
     if tied:
