@@ -11,10 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from opdcore.ops import dense_divergence, linear_topk, logprobs_at, opd_topk_loss, renorm_topk_kl, topk_logprobs
+from opdcore.ops import (dense_divergence, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear_weighted,
+                         renorm_topk_kl, topk_logprobs)
 from opdcore.parallel import (shard_range, vocab_parallel_dense_divergence, vocab_parallel_linear_topk,
-                              vocab_parallel_opd_topk_loss, vocab_parallel_renorm_topk_kl,
-                              vocab_parallel_topk_logprobs)
+                              vocab_parallel_opd_topk_loss, vocab_parallel_opd_topk_loss_linear_weighted,
+                              vocab_parallel_renorm_topk_kl, vocab_parallel_topk_logprobs)
 
 
 def _spawn(fn, world, tmp_path):
@@ -119,6 +120,25 @@ def _matches_single_process(rank, world):
     _close(got.lse, want.lse, torch.float64, "linear lse")
     _close(got.target_logprobs, want.target_logprobs, torch.float64, "linear targets")
 
+    # the loss fused with the head shard, gradients formed in the forward, in blocks of 4 rows
+    ids, tq, valid = _set(9, v, 5, seed=10)
+    tw = torch.rand(9, generator=g, dtype=torch.float64)
+    for mode, clip in (("student_p", 0.0), ("teacher_p", 2.0), ("none", 0.0)):
+        hs, ws = h.clone().requires_grad_(True), wt[off:off + size].clone().requires_grad_(True)
+        total, out = vocab_parallel_opd_topk_loss_linear_weighted(hs, ws, ids, tq, tw, valid, weight_mode=mode,
+                                                                  temperature=0.8, log_ratio_clip=clip,
+                                                                  max_block_elements=4 * size)
+        (2.0 * total).backward()
+        hf, wf = h.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+        want_total, want = opd_topk_loss_linear_weighted(hf, wf, ids, tq, tw, valid, weight_mode=mode,
+                                                         temperature=0.8, log_ratio_clip=clip)
+        (2.0 * want_total).backward()
+        _close(total, want_total, torch.float64, f"weighted total {mode}")
+        for name, a, b in zip(("loss", "rewards", "student_logprobs", "lse"), out, want):
+            _close(a, b, torch.float64, f"weighted {name} {mode}")
+        _close(hs.grad, hf.grad, torch.float64, f"weighted d hidden {mode}")
+        _close(ws.grad, wf.grad[off:off + size], torch.float64, f"weighted d weight shard {mode}")
+
 
 def test_vocab_parallel_matches_single_process(tmp_path):
     _spawn(_matches_single_process, 3, tmp_path)
@@ -150,6 +170,14 @@ def _errors_on_every_rank(rank, world):
     t_bad[0, 0] = float("inf")  # in rank 0's shard
     with pytest.raises(RuntimeError, match=r"rank 0: RuntimeError: teacher_shard: .*NaN or \+inf \(row 0\)"):
         vocab_parallel_dense_divergence(x[:, off:off + size], t_bad[:, off:off + size], "jsd")
+    h = torch.randn(n, 8, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(v, 8, generator=torch.Generator().manual_seed(1))
+    w_bad = w.clone()
+    w_bad[v - 1, 0] = float("nan")  # a NaN logit column in the last rank's shard
+    with pytest.raises(RuntimeError, match=rf"rank {world - 1}: RuntimeError: .*NaN or \+inf"):
+        vocab_parallel_opd_topk_loss_linear_weighted(h, w_bad[off:off + size], ids, tq, torch.ones(n), valid)
+    with pytest.raises(RuntimeError, match=rf"rank {rank}: ValueError: token_weights must be a floating"):
+        vocab_parallel_opd_topk_loss_linear_weighted(h, w[off:off + size], ids, tq, torch.ones(n + 1), valid)
     dead = x.clone()
     dead[1] = float("-inf")
     with pytest.raises(RuntimeError, match="student logits row 1 is entirely -inf over the whole vocabulary"):

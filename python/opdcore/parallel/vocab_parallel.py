@@ -190,6 +190,106 @@ def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, 
                                                 float(log_ratio_clip), group))
 
 
+class _VocabParallelWeightedLinearOPDLoss(torch.autograd.Function):
+    """sum_t token_weights[t] * loss_t on logits = hidden @ weight_shard.T per vocabulary shard, gradients formed
+    in the forward (as opd_topk_loss_linear_weighted on one device), one [rows, V_r] block at a time: the block's
+    shard logits stream into a state, the states merge across ranks (global log-sum-exp and set log-probs), the
+    rewards follow on every rank, the block's logits turn into their gradient in place, and d hidden (partial on
+    each rank: its own columns) is summed across ranks."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight_shard, ids, tq, valid, token_weights, mode, temperature, clip, rows_per_block,
+                group):
+        what = "vocab_parallel_opd_topk_loss_linear_weighted"
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        N, cols = hidden.shape[0], weight_shard.shape[0]
+        offset, vocab = _shard_layout(N, cols, None, what, group)
+        _exchange([], _first_error(lambda: _check_ids(ids, vocab, "ids")), what, group)
+        grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight_shard.shape, dtype=acc, device=weight_shard.device) if need_w else None
+        outs = [torch.empty(N, dtype=acc, device=hidden.device), torch.empty(ids.shape, dtype=acc, device=hidden.device),
+                torch.empty(ids.shape, dtype=acc, device=hidden.device), torch.empty(N, dtype=acc, device=hidden.device)]
+        loss, rewards, slp, lse = outs
+        with torch.no_grad():
+            for r0 in range(0, N, rows_per_block):
+                r1 = min(N, r0 + rows_per_block)
+                h = hidden[r0:r1]
+                z = h @ weight_shard.T
+                state = StreamState(r1 - r0, 0, ids[r0:r1], dtype=acc, device=hidden.device, temperature=temperature)
+                _exchange([], _first_error(lambda: state.update(z, offset)), what, group)
+                res = _gather_merge(state, group).finalize()
+                # identical inputs on every rank (merged log-probs, replicated teacher values): all fail or none
+                rewards[r0:r1], loss[r0:r1] = _loss._ops.opd_rewards(res.target_logprobs, tq[r0:r1], valid[r0:r1],
+                                                                      mode, clip)
+                slp[r0:r1], lse[r0:r1] = res.target_logprobs, res.lse
+                if need_h or need_w:
+                    _loss._ops.opd_topk_loss_bwd_chunk_(z, offset, token_weights[r0:r1], res.lse, ids[r0:r1],
+                                                        rewards[r0:r1], temperature)
+                    if need_h:
+                        part = (z @ weight_shard).to(_comm_device(group))
+                        dist.all_reduce(part, group=group)  # every rank's columns contribute
+                        grad_h[r0:r1] = part.to(hidden.device)
+                    if need_w:
+                        grad_w.addmm_(z.T.to(acc), h.to(acc))
+        ctx.save_for_backward(grad_h, grad_w.to(weight_shard.dtype) if need_w else None)
+        ctx.mark_non_differentiable(loss, rewards, slp, lse)
+        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, rewards, slp, lse
+
+    @staticmethod
+    def backward(ctx, grad_total, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
+        return (scale(grad_h), scale(grad_w)) + (None,) * 9
+
+
+def _first_error(fn) -> Optional[BaseException]:
+    """fn()'s ValueError / RuntimeError, or None: the error a rank shares before the next collective."""
+    try:
+        fn()
+    except (RuntimeError, ValueError) as e:
+        return e
+    return None
+
+
+def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_shard: torch.Tensor, ids: torch.Tensor,
+                                                 teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
+                                                 valid: Optional[torch.Tensor] = None, *,
+                                                 weight_mode: str = "student_p", temperature: float = 1.0,
+                                                 log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24,
+                                                 group=None):
+    """opd_topk_loss_linear_weighted with the LM head split by vocabulary rows (weight_shard [V_r, H] on rank r;
+    hidden, ids, teacher_logprobs, valid, token_weights the same on every rank): (sum_t token_weights[t] *
+    loss_t, OPDLoss), replicated. Never holds more than one [rows, V_r] block of logits; per block the ranks
+    exchange N·3 numbers plus the set values and the [rows, H] hidden-state gradient. d hidden is complete on
+    every rank, d weight_shard is this rank's rows of the full gradient."""
+    what = "vocab_parallel_opd_topk_loss_linear_weighted"
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def check():
+        _check_linear(hidden, weight_shard, None)
+        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
+                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
+        if log_ratio_clip < 0 or max_block_elements < 1:
+            raise ValueError(f"need log_ratio_clip >= 0 and max_block_elements >= 1, got {log_ratio_clip}, "
+                             f"{max_block_elements}")
+        return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0])
+
+    try:
+        ids, tq, valid = check()
+        err = None
+    except (TypeError, ValueError) as e:
+        err = e
+    _exchange([], err, what, group)
+    rows = max(1, min(hidden.shape[0], max_block_elements // max(1, weight_shard.shape[0])))
+    total, *out = _VocabParallelWeightedLinearOPDLoss.apply(
+        hidden, weight_shard, ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(),
+        token_weights.detach().to(acc).contiguous(), weight_mode_index(weight_mode), float(temperature),
+        float(log_ratio_clip), rows, group)
+    return total, OPDLoss(*out)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; the backward passes the gradient through (every rank's loss is the same replicated value,
     so d loss / d (this rank's summand) = d loss / d sum)."""

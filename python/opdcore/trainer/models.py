@@ -126,23 +126,33 @@ class OPDModel(nn.Module):
         return loss
 
     def _forward_tp(self, h, mode, **kw):
-        """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard. Extraction streams the shard
-        from hidden states; the losses take the shard's logits [R, V/tp] (the column-parallel head all-reduces
-        the hidden states' gradient across the group) and the vocabulary-parallel ops combine the shards."""
+        """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard. Extraction and the top-k loss
+        stream the shard from hidden states; renorm_kl and the dense divergences take the shard's logits
+        [R, V/tp] (the column-parallel head all-reduces the hidden states' gradient across the group); the
+        vocabulary-parallel ops combine the shards."""
         head, g = self.hf.get_output_embeddings(), self.tp_group
         _, cols = local_vocab(head.weight, self.vocab)
+        w = head.weight.to_local()
+        w = w if cols == w.shape[0] else w[:cols]  # a slice's backward would allocate a second weight gradient
         if mode == "score":
             with torch.no_grad():
-                return P.vocab_parallel_linear_topk(h, head.weight.to_local()[:cols], kw["k"], ids=kw["ids"],
-                                                    temperature=kw["temperature"], group=g)
+                return P.vocab_parallel_linear_topk(h, w, kw["k"], ids=kw["ids"], temperature=kw["temperature"],
+                                                    group=g)
+        if mode == "loss":  # fused with the head shard: gradients formed in the forward, d hidden summed inside
+            loss = P.vocab_parallel_opd_topk_loss_linear_weighted(
+                h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"], kw["valid"],
+                weight_mode=kw["weight_mode"], temperature=kw["temperature"], log_ratio_clip=kw["log_ratio_clip"],
+                group=g)[0]
+            if kw.get("outcome") is not None:
+                sampled, lp_rollout, adv = kw["outcome"]
+                loss = loss + P.vocab_parallel_opd_topk_loss_linear_weighted(
+                    h, w, sampled, (lp_rollout + adv)[:, None], kw["token_weights"] * kw["outcome_weight"],
+                    weight_mode="none", temperature=kw["temperature"], group=g)[0]
+            return loss
         logits = head(h)[:, :cols]
         if mode == "head":
             return logits, None
-        if mode == "loss":
-            per_token = P.vocab_parallel_opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                                       weight_mode=kw["weight_mode"], temperature=kw["temperature"],
-                                                       log_ratio_clip=kw["log_ratio_clip"], group=g).loss
-        elif mode == "renorm_kl":
+        if mode == "renorm_kl":
             per_token = P.vocab_parallel_renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                                         temperature=kw["temperature"], group=g)
         elif mode == "dense":
