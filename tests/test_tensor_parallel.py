@@ -4,35 +4,15 @@ and its clipped norm; tied embeddings stay tied; unsupported models fail with a 
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from gloo_workers import spawn
 from opdcore.data.synthetic import tiny_llama
 from opdcore.parallel.tensor_parallel import clip_grad_norm, local_vocab, parallelize, tensor_parallel_plan
 from opdcore.trainer.models import OPDModel
-
-
-def _spawn(fn, world, tmp_path):
-    mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg")), nprocs=world, join=True)
-
-
-def _entry(rank, fn, world, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        fn(rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # A finished worker skips interpreter teardown, where about 1 run in 10 a still-joinable background thread of
-    # the DTensor / gloo stack aborted the process ("terminate called without an active exception"). A failing
-    # check raises above and is reported as usual.
-    os._exit(0)
 
 
 V, PAD, K = 61, 3, 5  # an odd vocabulary plus padded LM-head rows: uneven shards with padding on the last
@@ -119,7 +99,7 @@ def _matches_one_process(rank, world, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_tensor_parallel_model_matches_one_process(tmp_path, tied):
-    _spawn(functools.partial(_matches_one_process, tied=tied), 2, tmp_path)
+    spawn(functools.partial(_matches_one_process, tied=tied), 2, tmp_path)
 
 
 def test_plan_and_divisibility_errors():

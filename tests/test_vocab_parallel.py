@@ -4,31 +4,15 @@ full gradient (whose backward is gradchecked in test_loss.py); and every rank ra
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_workers import spawn
 from opdcore.ops import (dense_divergence, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear_weighted,
                          renorm_topk_kl, topk_logprobs)
 from opdcore.parallel import (shard_range, vocab_parallel_dense_divergence, vocab_parallel_linear_topk,
                               vocab_parallel_opd_topk_loss, vocab_parallel_opd_topk_loss_linear_weighted,
                               vocab_parallel_renorm_topk_kl, vocab_parallel_topk_logprobs)
-
-
-def _spawn(fn, world, tmp_path):
-    mp.spawn(_entry, args=(fn, world, str(tmp_path / "pg")), nprocs=world, join=True)
-
-
-def _entry(rank, fn, world, path):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    try:
-        fn(rank, world)
-    finally:
-        dist.destroy_process_group()
 
 
 def _logits(n, v, dtype, seed):
@@ -141,7 +125,7 @@ def _matches_single_process(rank, world):
 
 
 def test_vocab_parallel_matches_single_process(tmp_path):
-    _spawn(_matches_single_process, 3, tmp_path)
+    spawn(_matches_single_process, 3, tmp_path)
 
 
 def _errors_on_every_rank(rank, world):
@@ -188,7 +172,7 @@ def _errors_on_every_rank(rank, world):
 
 
 def test_vocab_parallel_errors_raise_on_every_rank(tmp_path):
-    _spawn(_errors_on_every_rank, 2, tmp_path)
+    spawn(_errors_on_every_rank, 2, tmp_path)
 
 
 def test_shard_range():

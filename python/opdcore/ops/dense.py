@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device
 
 _ops = torch.ops.opdcore
@@ -86,9 +87,7 @@ class _WeightedLinearDense(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None
+        return scaled_saved_grads(ctx, grad_total, 10)
 
 
 def dense_divergence_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -10,6 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device
 from opdcore.ops.topk import StreamState, _as_long, _check_linear, iter_head_chunks
 
@@ -224,9 +225,7 @@ class _WeightedLinearOPDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return scale(grad_h), scale(grad_w), None, None, None, None, None, None, None, None
+        return scaled_saved_grads(ctx, grad_total, 10)
 
 
 def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
 from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
+from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops.topk import _as_long, _check_linear, iter_head_chunks
 
 
@@ -238,9 +239,7 @@ class _VocabParallelWeightedLinearOPDLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        grad_h, grad_w = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * grad_total.to(g.dtype)  # noqa: E731
-        return (scale(grad_h), scale(grad_w)) + (None,) * 9
+        return scaled_saved_grads(ctx, grad_total, 11)
 
 
 def _first_error(fn) -> Optional[BaseException]:
