@@ -12,7 +12,7 @@ import torch.nn as nn
 from gloo_workers import spawn
 from opdcore.data.synthetic import tiny_llama
 from opdcore.parallel.tensor_parallel import clip_grad_norm, local_vocab, parallelize, tensor_parallel_plan
-from opdcore.trainer.models import OPDModel
+from opdcore.trainer.models import GenerateThroughRoot, OPDModel
 
 
 V, PAD, K = 61, 3, 5  # an odd vocabulary plus padded LM-head rows: uneven shards with padding on the last
@@ -74,6 +74,10 @@ def _matches_one_process(rank, world, tied):
     torch.testing.assert_close(s_tp.logprobs, s_ref.logprobs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_tp.lse, s_ref.lse, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_tp.target_logprobs, s_ref.target_logprobs, rtol=1e-5, atol=1e-5)
+    # greedy decoding through the root (what the teacher's evaluation and probe run) sees the whole vocabulary
+    prompt = ids[:2, :4]
+    gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(GenerateThroughRoot(tp_t).generate(prompt, **gen), ref_t.hf.generate(prompt, **gen))
     ref_logits = t_head_ref[0] @ t_head_ref[1].T if t_head_ref[1] is not None else t_head_ref[0]
     torch.testing.assert_close(t_head_tp[0], ref_logits[:, off:off + cols], rtol=1e-5, atol=1e-5)
     for mode, extra in MODES:

@@ -85,7 +85,14 @@ class OPDModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
         if mode == "generate":  # transformers generate inside the root forward (see GenerateThroughRoot)
-            return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            if self.tp_group is None:
+                return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            # the column-parallel head returns this rank's vocabulary shard; decoding needs every token's logit
+            hook = self.hf.get_output_embeddings().register_forward_hook(_gather_vocab_shards)
+            try:
+                return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            finally:
+                hook.remove()
         if self.tp_group is not None:
             return self._forward_tp(self._hidden(input_ids, attention_mask, pred_index), mode, **kw)
         if not self.fused:
@@ -200,6 +207,16 @@ class OPDModel(nn.Module):
             per_token = per_token + kw["outcome_weight"] * opdcore.opd_topk_loss(
                 logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"]).loss
         return (per_token * kw["token_weights"]).sum()
+
+
+def _gather_vocab_shards(head, _inputs, logits_shard):
+    """Forward hook of a column-parallel LM head: the full [..., V] logits from every rank's [..., V_r] shard."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = (*logits_shard.shape[:-1], head.weight.shape[0])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(logits_shard, head.weight.device_mesh, [Shard(logits_shard.dim() - 1)],
+                              run_check=False, shape=shape, stride=stride).full_tensor()
 
 
 class GenerateThroughRoot:
