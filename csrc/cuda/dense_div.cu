@@ -10,6 +10,20 @@ namespace opdcore {
 namespace cuda {
 namespace dev {
 
+// Called by every thread of the block: true (the row's status recorded, student first like the CPU) when some
+// thread saw a NaN / +inf student or teacher logit.
+__device__ __forceinline__ bool reject_non_finite(bool bad_s, bool bad_t, unsigned long long* status, int64_t r) {
+  if (__syncthreads_or(bad_s)) {
+    if (threadIdx.x == 0) record_status(status, Status::kNonFinite, r);
+    return true;
+  }
+  if (__syncthreads_or(bad_t)) {
+    if (threadIdx.x == 0) record_status(status, Status::kTeacherNonFinite, r);
+    return true;
+  }
+  return false;
+}
+
 __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
 
@@ -116,14 +130,7 @@ __device__ void known_lse_sums(const T* sr, const T* tr, const DenseArgs<A>& a, 
       if (q > 0) kl_qm += q * (lq - lp);
     }
   });
-  if (__syncthreads_or(bad_s)) {
-    if (tid == 0) record_status(status, Status::kNonFinite, r);
-    return;
-  }
-  if (__syncthreads_or(bad_t)) {
-    if (tid == 0) record_status(status, Status::kTeacherNonFinite, r);
-    return;
-  }
+  if (reject_non_finite(bad_s, bad_t, status, r)) return;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
     kl_pm += __shfl_xor_sync(kFullMask, kl_pm, o);
@@ -167,14 +174,7 @@ __global__ void __launch_bounds__(kThreads)
     ps.add(ys, yt, a.kind == Divergence::kReverseKL);
     pt.add(yt, ys, a.kind == Divergence::kForwardKL);
   });
-  if (__syncthreads_or(bad_s)) {
-    if (tid == 0) record_status(status, Status::kNonFinite, r);
-    return;
-  }
-  if (__syncthreads_or(bad_t)) {
-    if (tid == 0) record_status(status, Status::kTeacherNonFinite, r);
-    return;
-  }
+  if (reject_non_finite(bad_s, bad_t, status, r)) return;
   ps.warp_merge();
   pt.warp_merge();
   if (lane == 0) {

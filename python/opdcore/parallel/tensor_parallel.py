@@ -93,14 +93,17 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> float:
 
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.zeros((), dtype=torch.float64)
+    plain: list = []
     layouts: Dict[tuple, list] = {}
-    for g in grads:
+    for g in grads:  # sums stay on the device: one host copy per layout, not one per parameter
         if isinstance(g, DTensor):
             key = (id(g.device_mesh), tuple(g.placements))
             entry = layouts.setdefault(key, [g.device_mesh, g.placements, 0.0])
             entry[2] = entry[2] + g.to_local().detach().double().pow(2).sum()
         else:
-            total = total + g.detach().double().pow(2).sum().cpu()
+            plain.append(g.detach().double().pow(2).sum())
+    if plain:
+        total = total + torch.stack([x.to(plain[0].device) for x in plain]).sum().cpu()
     for mesh, placements, sq in layouts.values():
         sq = torch.as_tensor(sq, dtype=torch.float64, device=mesh.device_type)
         for dim, p in enumerate(placements):
