@@ -25,6 +25,7 @@ import opdcore
 import opdcore.packing
 from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
+from opdcore.ops import policy as _policy
 from opdcore.ops import topk as _topk
 
 MODE = os.environ.get("OPDCORE_CUDA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "emu")
@@ -34,7 +35,7 @@ DEV = "cuda" if MODE == "cuda" else "cpu"  # where the device side's tensors liv
 AVAILABLE = MODE != "cuda" or (torch.cuda.is_available() and bool(opdcore.build_info()["cuda_compiled"]))
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-_MODULES = (_topk, _loss, _dense, opdcore.packing)  # each holds `_ops = torch.ops.opdcore`
+_MODULES = (_topk, _loss, _policy, _dense, opdcore.packing)  # each holds `_ops = torch.ops.opdcore`
 _active = False
 
 

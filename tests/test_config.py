@@ -51,6 +51,11 @@ def test_yaml_then_overrides(tmp_path):
     (("diagnostics.probe_cuts=[0.5, 1.0]",), r"diagnostics.probe_cuts must be fractions in \[0, 1\)"),
     (("diagnostics.probe_cuts=[]",), r"diagnostics.probe_cuts must be fractions"),
     (("diagnostics.probe_every=-1",), "diagnostics.probe_every must be >= 0"),
+    (("train.update_epochs=0",), "train.update_epochs must be >= 1"),
+    (("train.mini_batches=0",), "train.mini_batches must be >= 1"),
+    (("loss.ppo_clip=1.0",), r"loss.ppo_clip must be in \[0, 1\)"),
+    (("loss.ppo_clip_high=-0.1",), "loss.ppo_clip_high must be >= 0"),
+    (("loss.ppo_dual_clip=1.0",), r"loss.ppo_dual_clip must be > 1 \(0: off\)"),
 ])
 def test_invalid_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

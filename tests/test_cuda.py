@@ -428,6 +428,41 @@ def test_loss_linear_weighted_and_renorm_linear(dtype):
         _close(a.float(), b.float(), dtype, name, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ppo_losses(dtype):
+    """The PPO surrogate of several updates per batch (log-probs at ids + the loss backward with its
+    coefficients), unfused and fused with the LM head, on the device against the CPU."""
+    from opdcore import reference
+    from opdcore.ops import ppo_topk_loss, ppo_topk_loss_linear_weighted
+    from test_ppo import _old_away_from_kinks
+
+    n, H, v, K = 19, 24, 1501, 5
+    gen = torch.Generator().manual_seed(3)
+    h = (torch.randn(n, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    w = (torch.randn(v, H, generator=gen, dtype=torch.float64) * 0.5).to(dtype)
+    ids, _, valid = make_set(n, v, K, seed=10, dup=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    old = _old_away_from_kinks(reference.logprobs_at((h @ w.T).double(), ids, 0.9)[0], 3, 0.2, 0.28, 3.0).to(acc)
+    adv = torch.randn(n, K, generator=gen, dtype=torch.float64).to(acc)
+    tw = torch.rand(n, dtype=torch.float64, generator=gen)
+
+    def run(device):
+        hs, ws = h.to(device, copy=True).requires_grad_(True), w.to(device, copy=True).requires_grad_(True)
+        args = (ids.to(device), old.to(device), adv.to(device))
+        opts = dict(temperature=0.9, clip_high=0.28)
+        total, out = ppo_topk_loss_linear_weighted(hs, ws, *args, tw.to(device), valid.to(device),
+                                                   max_block_elements=4 * v, **opts)  # 4-row blocks
+        plain = ppo_topk_loss(hs @ ws.T, *args, valid.to(device), **opts)
+        (total + (plain.loss * tw.to(device, plain.loss.dtype)).sum()).backward()
+        return total, out.loss, out.coefficients, plain.loss, hs.grad, ws.grad
+
+    tol = dict(rtol=1e-8, atol=1e-10) if dtype == torch.float64 else (
+        dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2))
+    names = ("total", "loss", "coefficients", "unfused loss", "grad hidden", "grad weight")
+    for name, a, b in zip(names, on_dev(run, DEV), run("cpu")):
+        _close(a.float(), b.float(), dtype, name, **tol)
+
+
 @pytest.mark.parametrize("acc", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", range(len(WEIGHT_MODES)))
 def test_opd_rewards(acc, mode):

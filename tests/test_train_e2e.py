@@ -50,6 +50,7 @@ def metrics(out_dir, kind="train"):
     {"model.dtype": "bfloat16", "model.gradient_checkpointing": True, "loss.strategy": "symmetric_difference"},
     {"loss.dense": "jsd", "loss.dense_beta": 0.3, "loss.teacher_temperature": 0.8},
     {"loss.dense": "reverse_kl", "loss.fused_lm_head": False, "loss.outcome_weight": 0.5},
+    {"train.update_epochs": 2, "train.mini_batches": 2, "loss.strategy": "union", "loss.outcome_weight": 0.5},
 ])
 def test_single_process_run(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM
@@ -83,6 +84,9 @@ def test_single_process_run(tiny, tmp_path, extra):
         assert [p["step"] for p in probes] == [0, 2, 3] and all(len(p) == 2 + 3 * 4 for p in probes)
     assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "positions.png")
     assert os.path.isdir(out / "tensorboard")
+    if "train.update_epochs" in extra:  # PPO surrogates: 2 epochs x 2 mini-batches per batch, clip statistics
+        assert all(m["optimizer_steps"] == 4 and 0 <= m["ppo_clip_fraction"] <= 1 and m["ppo_ratio_max"] > 0
+                   for m in rows)
 
 
 def test_killed_run_resumes_exactly(tiny, tmp_path):
@@ -124,12 +128,14 @@ def test_vocab_mismatch_is_an_error_before_training(tiny, tmp_path):
     assert r.returncode != 0 and "tokenizers differ" in r.stderr
 
 
-@pytest.mark.parametrize("extra", [{}, {"loss.dense": "jsd"}])  # dense: the sharded teacher hands over logits
+# dense: the sharded teacher hands over logits; mini-batches: every rank splits its micro-batches alike
+@pytest.mark.parametrize("extra", [{}, {"loss.dense": "jsd"}, {"train.mini_batches": 2, "loss.topk": 0}])
 def test_torchrun_two_processes(tiny, tmp_path, extra):
     out = tmp_path / "ddp"
     torchrun(tiny, out, 2, 29517, **{"train.steps": 2, "model.teacher_sharding": "fsdp", **extra})
     rows = metrics(out)
     assert [m["step"] for m in rows] == [1, 2] and all(m["grad_norm"] > 0 for m in rows)
+    assert all(m.get("optimizer_steps", 1) == extra.get("train.mini_batches", 1) for m in rows)
     # the sharded teacher generates in lockstep on both ranks: its accuracy, the gap recovery rate
     evals = metrics(out, "eval")
     assert "teacher_accuracy" in evals[1] and "gap_recovery" in evals[-1]
@@ -167,7 +173,8 @@ def _same_run(a, b, what):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (what, x["step"], key, x[key], y[key])
 
 
-@pytest.mark.parametrize("extra", [{"diagnostics.probe_every": 1}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5}])
+@pytest.mark.parametrize("extra", [{"diagnostics.probe_every": 1}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5},
+                                   {"train.update_epochs": 2, "loss.strategy": "union"}])
 def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
     """train.tensor_parallel=2 on 2 processes (both models' layers and LM heads split, vocabulary-parallel losses)
     trains exactly like one process: the group's first rank samples with the single process's seed. The
@@ -175,7 +182,7 @@ def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
     one, tp = tmp_path / "one", tmp_path / "tp"
     r = run(overrides(tiny, one, **{"train.steps": 2, **extra}))
     assert r.returncode == 0, r.stderr[-3000:]
-    torchrun(tiny, tp, 2, 29541 if "loss.renorm_kl" in extra else 29542,
+    torchrun(tiny, tp, 2, 29541 + len(extra) + ("loss.renorm_kl" in extra),
              **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
     _same_run(one, tp, "tensor-parallel")
     for kind in ("eval", "probe"):

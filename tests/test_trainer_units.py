@@ -177,10 +177,9 @@ def test_update_replays_a_micro_batch_at_weight_zero():
 
     student = FakeStudent()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    sched = make_scheduler(opt, "constant", 0, 10)
     mb = _mb([1, 2], [0, 0])
     sets = [(None, None, None, "none"), None]
-    out = S.update(student, opt, sched, [mb, None], sets, [torch.tensor([0.5, 0.5]), None], cfg,
+    out = S.update(student, opt, [mb, None], sets, [torch.tensor([0.5, 0.5]), None], cfg,
                    list(student.parameters()))
     assert calls == [1.0, 0.0]  # the padded slot ran (a collective under FSDP) but contributed nothing
     assert out["loss"] == 1.0 and out["grad_norm"] == pytest.approx(1.0)
@@ -197,9 +196,8 @@ def test_non_finite_gradient_skips_the_step():
 
     student = Exploding()
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    sched = make_scheduler(opt, "constant", 0, 10)
     with pytest.warns(UserWarning, match="skipping this optimizer step"):
-        out = S.update(student, opt, sched, [_mb([1], [0])], [(None, None, None, "none")], [torch.ones(1)],
+        out = S.update(student, opt, [_mb([1], [0])], [(None, None, None, "none")], [torch.ones(1)],
                        Config(), list(student.parameters()))
     assert out["step_skipped"] == 1.0 and student.w.item() == 1.0
 
@@ -225,3 +223,69 @@ def test_sequence_diagnostics_over_micro_batches():
     assert out["reward_auroc"] == 0.5  # correct {0.5, -0.25} vs incorrect {1.5, -1.0}: 2 of 4 pairs
     assert out["largest_token_reward"] == 1.5
     assert out["p_minus_q_at_largest_reward"] == pytest.approx(math.exp(-2.5) - math.exp(-1.0))
+
+
+def test_mini_batch_groups_partition_the_micro_batches():
+    for count in range(1, 9):
+        for m in range(1, count + 1):
+            groups = S.mini_batch_groups(count, m)
+            assert len(groups) == m and all(groups) and sum(groups, []) == list(range(count))
+            assert max(map(len, groups)) - min(map(len, groups)) <= 1
+
+
+def test_merge_updates():
+    one = {"loss": 1.0, "grad_norm": 2.0, "step_skipped": 0.0}
+    assert S.merge_updates([one]) is one
+    a = dict(one, clip_counts=torch.tensor([1.0, 4.0, 0.5, 1.3], dtype=torch.float64))
+    b = {"loss": 3.0, "grad_norm": float("inf"), "step_skipped": 1.0,
+         "clip_counts": torch.tensor([2.0, 4.0, 0.25, 1.1], dtype=torch.float64)}
+    out = S.merge_updates([a, b])
+    assert out["loss"] == 2.0 and out["grad_norm"] == float("inf") and out["step_skipped"] == 1.0
+    assert out["optimizer_steps"] == 2.0 and out["clip_counts"].tolist() == [3.0, 8.0, 0.75, 1.3]
+
+
+def _tiny_student_batch(seed=0):
+    """A real tiny student and teacher (OPDModel) and one micro-batch of 3 rollouts."""
+    from opdcore.data.synthetic import tiny_llama
+    from opdcore.rollout import Rollout
+    from opdcore.trainer import microbatch
+    from opdcore.trainer.models import OPDModel
+
+    V = 40
+    student = OPDModel(tiny_llama(V, hidden=32, layers=1, heads=2, seed=seed), V)
+    teacher = OPDModel(tiny_llama(V, hidden=32, layers=1, heads=2, seed=seed + 1), V).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    rollouts = [Rollout(i % 2, torch.randint(0, V, (3,), generator=g).tolist(),
+                        torch.randint(0, V, (4 + i,), generator=g).tolist(), None, True) for i in range(3)]
+    return student, teacher, microbatch.build(rollouts, 10_000, "cpu")
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss.strategy": "union"}, {"loss.topk": 0, "loss.outcome_weight": 0.5},
+                                   {"loss.strategy": "teacher", "loss.fused_lm_head": False}])
+def test_first_ppo_update_is_the_single_update(extra):
+    """Several updates per batch: the first optimizer step (student = the one that scored the rollouts, ratio 1)
+    has the gradient of the plain OPD update, for the scored and the re-scored (teacher-id) sets alike."""
+    from opdcore.config import load_config
+
+    overrides = {"loss.topk": 6, "loss.log_ratio_clip": 5.0, **extra}
+    cfg = load_config(None, tuple(f"{k}={v}" for k, v in overrides.items()))
+    student, teacher, mbs = _tiny_student_batch()
+    student.fused = cfg.loss.fused_lm_head
+    scored = [S.score(student, teacher, mb, cfg) for mb in mbs]
+    sets = [S.token_set(sc, mb, cfg) for sc, mb in zip(scored, mbs)]
+    lengths = {i: n for mb in mbs for i, n in zip(*mb.token_seq.unique(return_counts=True))}
+    lengths = {int(i): int(n) for i, n in lengths.items()}
+    n_tok = sum(mb.num_tokens for mb in mbs)
+    weights = S.token_weights(mbs, lengths, cfg.loss.aggregation, float(n_tok), float(len(lengths)), 1)
+    adv = S.grpo_advantages([0, 1, 0], [1.0, 0.0, 0.0]) if cfg.loss.outcome_weight else None
+    outcome = S.outcome_terms(mbs, scored, adv)
+    params = list(student.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    grads = []
+    for policy in (None, [S.policy_terms(student, mb, sc, ts, cfg) for mb, sc, ts in zip(mbs, scored, sets)]):
+        out = S.update(student, opt, mbs, sets, weights, cfg, params, outcome, teacher=teacher, policy=policy)
+        grads.append([p.grad.clone() for p in params])
+        assert ("clip_counts" in out) == (policy is not None)
+    assert out["clip_counts"][0] == 0 and out["clip_counts"][1] > 0  # nothing clipped at ratio 1
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)

@@ -26,7 +26,7 @@ if __name__ == "__main__":
     from opdcore.trainer.models import load_tokenizer
 
     tok = load_tokenizer(p["student"])
-    engine = VLLMEngine(p["student"], tok, vocab_limit=len(tok), dtype="float32", seed=0, gpu_memory_utilization=0.05)
+    engine = VLLMEngine(p["student"], tok, vocab_limit=len(tok), dtype="float32", seed=0, gpu_memory_utilization=0.15)
     prompts = [tok("12+34=")["input_ids"], tok("5+6=")["input_ids"]]
     model = AutoModelForCausalLM.from_pretrained(p["student"])
 
@@ -75,7 +75,7 @@ def test_trainer_with_vllm_engine(tmp_path):
 
     paths = make_tiny_run_dir(tmp_path / "tiny")
     out = tmp_path / "run"
-    args = overrides(paths, out, **{"rollout.engine": "vllm", "rollout.vllm_gpu_memory_utilization": 0.05,
+    args = overrides(paths, out, **{"rollout.engine": "vllm", "rollout.vllm_gpu_memory_utilization": 0.15,
                                     "train.steps": 2})
     r = subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), *args], capture_output=True,
                        text=True, timeout=900)

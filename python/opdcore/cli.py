@@ -46,11 +46,15 @@ def main(argv=None) -> int:
         return 2
     from opdcore.trainer.loop import Trainer  # heavy imports only once the config is known to be valid
 
+    from opdcore.trainer import dist
+
     trainer = Trainer(cfg)
     try:
         trainer.run()
     finally:
-        from opdcore.trainer import dist
-
+        trainer.close()
+        distributed = dist.world() > 1
         dist.shutdown()
+    if distributed:
+        dist.end_finished_worker()
     return 0

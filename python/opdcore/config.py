@@ -64,6 +64,11 @@ class LossConfig:
     dense_beta: float = 0.5  # the JSD's beta (TRL's convention), in (0, 1)
     teacher_temperature: float = 1.0
     outcome_weight: float = 0.0  # hybrid (METHOD.md 2.6): + w * GRPO-normalised verifiable reward
+    # PPO clipping of the reward-weighted losses when a batch gets several updates (train.update_epochs or
+    # train.mini_batches > 1; with one update the ratio is exactly 1 and clipping is inert)
+    ppo_clip: float = 0.2  # the ratio p / p_rollout is clipped to [1 - ppo_clip, 1 + ppo_clip_high]
+    ppo_clip_high: Optional[float] = None  # None: ppo_clip; larger: DAPO's clip-higher
+    ppo_dual_clip: float = 3.0  # negative advantages: the loss is capped at -ppo_dual_clip * A (0: off)
     fused_lm_head: bool = True  # loss on hidden states + LM head, never [tokens, vocab] logits
 
 
@@ -91,6 +96,8 @@ class TrainConfig:
     log_every: int = 1
     threads: int = 0  # torch threads per process; 0: cores / local world size
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor); the world is data-parallel x this
+    update_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass, each on its share of the batch's responses
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
 
@@ -150,6 +157,9 @@ RANGES = [
     ("loss.teacher_temperature", lambda v: v > 0, "> 0"),
     ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
     ("loss.dense_beta", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("loss.ppo_clip", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("loss.ppo_clip_high", lambda v: v is None or v >= 0, ">= 0 (null: loss.ppo_clip)"),
+    ("loss.ppo_dual_clip", lambda v: v == 0 or v > 1, "> 1 (0: off)"),
     ("optim.lr", lambda v: v > 0, "> 0"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
     ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
@@ -164,6 +174,8 @@ RANGES = [
     ("train.log_every", lambda v: v >= 1, ">= 1"),
     ("train.threads", lambda v: v >= 0, ">= 0"),
     ("train.tensor_parallel", lambda v: v >= 1, ">= 1"),
+    ("train.update_epochs", lambda v: v >= 1, ">= 1"),
+    ("train.mini_batches", lambda v: v >= 1, ">= 1"),
     ("eval.every", lambda v: v >= 0, ">= 0"),
     ("eval.max_prompts", lambda v: v >= 0, ">= 0"),
     ("eval.n", lambda v: v >= 1, ">= 1"),
@@ -280,6 +292,11 @@ def validate(cfg: Config) -> Config:
     if cfg.loss.renorm_kl and cfg.loss.dense != "none":
         raise ConfigError("loss.renorm_kl and loss.dense each choose the loss: set one of them")
     return cfg
+
+
+def several_updates(cfg: Config) -> bool:
+    """Whether a rollout batch gets more than one optimizer step (the PPO ratio then leaves 1)."""
+    return cfg.train.update_epochs * cfg.train.mini_batches > 1
 
 
 def load_config(path: Optional[str] = None, overrides: tuple = ()) -> Config:

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 __all__ = ["topk_overlap", "overlap_mass", "overlap_advantage", "entropy_gap", "sequence_mean_reward", "auroc",
-           "gap_recovery", "position_profile", "largest_reward_token"]
+           "gap_recovery", "position_profile", "largest_reward_token", "ppo_clip_counts"]
 
 
 def _check_topk(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:
@@ -167,3 +167,18 @@ def largest_reward_token(student_sampled_logprobs: torch.Tensor,
     p = float(student_sampled_logprobs.flatten()[i].double().exp())
     q = float(teacher_sampled_logprobs.flatten()[i].double().exp())
     return float(r[i]), p - q
+
+
+def ppo_clip_counts(student_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    coefficients: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Training health of several updates per batch: float64 [4] = (set entries whose gradient a clip removed,
+    set entries with a nonzero advantage, sum of |ratio - 1| over those, largest ratio), from a PPO loss's
+    student_logprobs / coefficients and its inputs. Sums (and a max) so callers can add micro-batches and
+    all-reduce ranks: clip fraction = [0] / [1], mean |ratio - 1| = [2] / [1]."""
+    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("coefficients", coefficients)):
+        _check_aligned(name, t, "student_logprobs", student_logprobs)
+    counted = (advantages != 0) if valid is None else valid & (advantages != 0)
+    ratio = torch.exp(student_logprobs.double() - old_logprobs.double())[counted]
+    clipped = counted & (coefficients == 0)
+    top = ratio.max() if ratio.numel() else torch.zeros((), dtype=torch.float64, device=ratio.device)
+    return torch.stack([clipped.sum().double(), counted.sum().double(), (ratio - 1).abs().sum(), top]).cpu()

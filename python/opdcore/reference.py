@@ -75,6 +75,22 @@ def opd_topk_loss(student_logits, ids, teacher_logprobs, valid=None, weight_mode
     return loss, r
 
 
+def ppo_topk_loss(student_logits, ids, old_logprobs, advantages, valid=None, temperature=1.0, clip_low=0.2,
+                  clip_high=None, dual_clip=3.0):
+    """Per-token clipped surrogate through autograd, as the reference fork writes it: max(-A rho,
+    -A clip(rho)), then for A < 0 min(., -c A); rho = exp(log p - log p_old)."""
+    if valid is None:
+        valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    clip_high = clip_low if clip_high is None else clip_high
+    slp = log_softmax(student_logits, temperature).gather(1, ids.long())
+    adv = advantages.to(slp.dtype)
+    ratio = torch.exp(slp - old_logprobs.to(slp.dtype))
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if dual_clip:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return torch.where(valid, loss, torch.zeros_like(loss)).sum(-1)
+
+
 def renorm_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperature=1.0):
     """KL(pbar || qbar) with both renormalised over the valid set."""
     if valid is None:

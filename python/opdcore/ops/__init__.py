@@ -5,6 +5,7 @@ from opdcore.ops.dense import DIVERGENCES, dense_divergence, dense_divergence_li
 from opdcore.ops.loss import (
     WEIGHT_MODES,
     OPDLoss,
+    opd_rewards,
     opd_topk_loss,
     opd_topk_loss_linear,
     opd_topk_loss_linear_weighted,
@@ -12,5 +13,6 @@ from opdcore.ops.loss import (
     renorm_topk_kl_linear,
     weight_mode_index,
 )
+from opdcore.ops.policy import PPOLoss, ppo_coefficients, ppo_topk_loss, ppo_topk_loss_linear_weighted
 from opdcore.ops.token_set import STRATEGIES, STRATEGY_ALIASES, TokenSet, build_token_set, canonical_strategy
 from opdcore.ops.topk import StreamResult, StreamState, TopK, linear_topk, logprobs_at, topk_logprobs

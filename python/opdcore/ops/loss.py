@@ -32,15 +32,30 @@ class OPDLoss(NamedTuple):
     lse: torch.Tensor  # [N]
 
 
-def _prepare_set(ids, teacher_logprobs, valid, rows: int):
+def _prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_logprobs"):
+    """(ids, the per-entry values named `name`, valid) checked against each other and the row count."""
     ids = _as_long(ids, "ids")
     if valid is None:
         valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if teacher_logprobs.shape != ids.shape:
-        raise ValueError(f"teacher_logprobs must have the shape of ids {tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
+        raise ValueError(f"{name} must have the shape of ids {tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
     if ids.dim() != 2 or ids.shape[0] != rows:
         raise ValueError(f"ids must be [N={rows}, K], got {tuple(ids.shape)}")
     return ids, teacher_logprobs.detach(), valid
+
+
+def opd_rewards(student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
+                log_ratio_clip: float = 0.0):
+    """(rewards [N, K], per-token loss [N]) of the top-k OPD loss from the set's log-probs alone (no vocabulary
+    pass): r = -w (log p - log q). Also the fixed advantages of the PPO surrogate (opdcore.ops.ppo_topk_loss)
+    when a batch gets several updates: the rewards of the student that scored the rollouts."""
+    if student_logprobs.dim() != 2:
+        raise ValueError(f"student_logprobs must be [N, K], got {tuple(student_logprobs.shape)}")
+    if valid is None:
+        valid = torch.ones(student_logprobs.shape, dtype=torch.bool, device=student_logprobs.device)
+    return _ops.opd_rewards(student_logprobs, teacher_logprobs, valid, weight_mode_index(weight_mode),
+                            float(log_ratio_clip))
 
 
 # ---- unfused: student logits [N, V] -------------------------------------------------------------------------
@@ -185,8 +200,49 @@ def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
 
 # ---- fused with the LM head, reduced with known per-token weights: gradients formed in the forward ------------
 
-class _WeightedLinearOPDLoss(torch.autograd.Function):
-    """sum_t token_weights[t] * loss_t, with the gradient computed in the forward pass.
+class _OPDRule:
+    """The set-loss rule of the reward-weighted OPD loss: rewards r = -w (log p - log q) from the set log-probs.
+
+    A rule turns a block of rows [r0, r1) into (loss, coefficients, set log-probs, lse) from its logits
+    (from_logits) or into (loss, coefficients) from its merged set log-probs (from_logprobs, the
+    vocabulary-parallel path); the coefficients feed the one-pass backward kernel (its `rewards`)."""
+
+    def __init__(self, ids, tq, valid, mode: int, temperature: float, clip: float):
+        self.ids, self.tq, self.valid = ids, tq, valid
+        self.mode, self.temperature, self.clip = mode, temperature, clip
+
+    def from_logits(self, logits, r0: int, r1: int):
+        return _ops.opd_topk_loss_fwd(logits, self.ids[r0:r1], self.tq[r0:r1], self.valid[r0:r1], self.mode,
+                                      self.temperature, self.clip)
+
+    def from_logprobs(self, slp, r0: int, r1: int):
+        rewards, loss = _ops.opd_rewards(slp, self.tq[r0:r1], self.valid[r0:r1], self.mode, self.clip)
+        return loss, rewards
+
+
+class SetLossFunction(torch.autograd.Function):
+    """A set loss of full logits [N, V] under a rule (see _OPDRule): (loss, coefficients, set log-probs, lse);
+    the backward is the one-pass kernel with the rule's coefficients."""
+
+    @staticmethod
+    def forward(ctx, logits, rule):
+        with torch.no_grad():
+            loss, coef, slp, lse = rule.from_logits(logits, 0, logits.shape[0])
+        ctx.save_for_backward(logits, lse, coef)
+        ctx.rule = rule
+        ctx.mark_non_differentiable(coef, slp, lse)
+        return loss, coef, slp, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        logits, lse, coef = ctx.saved_tensors
+        grad = _ops.opd_topk_loss_bwd(grad_loss.contiguous(), logits, lse, ctx.rule.ids, coef, ctx.rule.temperature)
+        return grad, None
+
+
+class WeightedLinearSetLoss(torch.autograd.Function):
+    """sum_t token_weights[t] * loss_t of a set loss (its rule) on logits = hidden @ weight.T, with the gradient
+    computed in the forward pass.
 
     Rows are processed in blocks whose [rows, V] logits fit the budget: each block's logits give the loss and,
     once its log-sum-exp is known, its logits gradient in place, then d hidden and d weight. Three matmuls in
@@ -195,14 +251,14 @@ class _WeightedLinearOPDLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, tq, valid, token_weights, mode, temperature, clip, rows_per_block):
+    def forward(ctx, hidden, weight, token_weights, rule, rows_per_block):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        N = hidden.shape[0]
+        N, ids = hidden.shape[0], rule.ids
         loss = torch.empty(N, dtype=acc, device=hidden.device)
-        rewards = torch.empty(ids.shape, dtype=acc, device=hidden.device)
+        coef = torch.empty(ids.shape, dtype=acc, device=hidden.device)
         slp = torch.empty(ids.shape, dtype=acc, device=hidden.device)
         lse = torch.empty(N, dtype=acc, device=hidden.device)
         with torch.no_grad():
@@ -210,22 +266,34 @@ class _WeightedLinearOPDLoss(torch.autograd.Function):
                 r1 = min(N, r0 + rows_per_block)
                 h = hidden[r0:r1]
                 z = h @ weight.T
-                out = _ops.opd_topk_loss_fwd(z, ids[r0:r1], tq[r0:r1], valid[r0:r1], mode, temperature, clip)
-                loss[r0:r1], rewards[r0:r1], slp[r0:r1], lse[r0:r1] = out
+                out = rule.from_logits(z, r0, r1)
+                loss[r0:r1], coef[r0:r1], slp[r0:r1], lse[r0:r1] = out
                 if need_h or need_w:
                     _ops.opd_topk_loss_bwd_chunk_(z, 0, token_weights[r0:r1], out[3], ids[r0:r1], out[1],
-                                                  temperature)
+                                                  rule.temperature)
                     if need_h:
                         torch.matmul(z, weight, out=grad_h[r0:r1])
                     if need_w:
                         grad_w.addmm_(z.T.to(acc), h.to(acc))
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        ctx.mark_non_differentiable(loss, rewards, slp, lse)
-        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, rewards, slp, lse
+        ctx.mark_non_differentiable(loss, coef, slp, lse)
+        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, coef, slp, lse
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        return scaled_saved_grads(ctx, grad_total, 10)
+        return scaled_saved_grads(ctx, grad_total, 5)
+
+    @staticmethod
+    def run(hidden, weight, rule, token_weights, max_block_elements: int):
+        """Checks token_weights and the block budget, then applies: (total, loss, coefficients, slp, lse)."""
+        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
+                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
+        if max_block_elements < 1:
+            raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
+        return WeightedLinearSetLoss.apply(hidden, weight, token_weights.detach().to(acc).contiguous(), rule, rows)
 
 
 def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
@@ -244,17 +312,10 @@ def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
     ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
-    if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
-        raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
-                         f"{tuple(token_weights.shape)} {token_weights.dtype}")
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
-    if max_block_elements < 1:
-        raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
-    total, *out = _WeightedLinearOPDLoss.apply(hidden, weight, ids.contiguous(), tq.to(acc).contiguous(),
-                                               valid.contiguous(), token_weights.detach().to(acc).contiguous(),
-                                               weight_mode_index(weight_mode), float(temperature),
-                                               float(log_ratio_clip), rows)
+    rule = _OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+                    float(temperature), float(log_ratio_clip))
+    total, *out = WeightedLinearSetLoss.run(hidden, weight, rule, token_weights, max_block_elements)
     return total, OPDLoss(*out)

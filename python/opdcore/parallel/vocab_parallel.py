@@ -20,6 +20,8 @@ import torch.distributed as dist
 from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
 from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
+from opdcore.ops import policy as _policy
+from opdcore.ops.policy import PPOLoss
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops.topk import _as_long, _check_linear, iter_head_chunks
 
@@ -151,28 +153,32 @@ def vocab_parallel_linear_topk(hidden: torch.Tensor, weight_shard: torch.Tensor,
                           feed, group)[0]
 
 
-class _VocabParallelOPDLoss(torch.autograd.Function):
+class _VocabParallelSetLoss(torch.autograd.Function):
+    """A set loss (its rule: opdcore.ops.loss._OPDRule or the PPO rule) of the full-vocabulary logits whose
+    shard this rank holds: the shards' states merge into the global log-sum-exp and set log-probs, the rule
+    turns those into the loss and coefficients on every rank, the backward is local to each shard."""
+
     @staticmethod
-    def forward(ctx, logits_shard, ids, tq, valid, mode, temperature, clip, group):
+    def forward(ctx, logits_shard, rule, what, group):
         acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-        res, offset = _stream_shards("vocab_parallel_opd_topk_loss", logits_shard.shape[0], logits_shard.shape[1], 0,
-                                     ids, acc, logits_shard.device, temperature,
+        res, offset = _stream_shards(what, logits_shard.shape[0], logits_shard.shape[1], 0, rule.ids, acc,
+                                     logits_shard.device, rule.temperature,
                                      lambda st, off: st.update(logits_shard, off), group)
-        # identical inputs on every rank (the merged log-probs, the replicated teacher values): all fail or none
-        rewards, loss = _loss._ops.opd_rewards(res.target_logprobs, tq.to(acc), valid, mode, clip)
-        ctx.save_for_backward(logits_shard, res.lse, ids, rewards)
-        ctx.temperature, ctx.offset = temperature, offset
-        ctx.mark_non_differentiable(rewards, res.target_logprobs, res.lse)
-        return loss, rewards, res.target_logprobs, res.lse
+        # identical inputs on every rank (the merged log-probs, the replicated set values): all fail or none
+        loss, coef = rule.from_logprobs(res.target_logprobs, 0, logits_shard.shape[0])
+        ctx.save_for_backward(logits_shard, res.lse, coef)
+        ctx.rule, ctx.offset = rule, offset
+        ctx.mark_non_differentiable(coef, res.target_logprobs, res.lse)
+        return loss, coef, res.target_logprobs, res.lse
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        logits_shard, lse, ids, rewards = ctx.saved_tensors
+        logits_shard, lse, coef = ctx.saved_tensors
         grad = logits_shard.detach().clone(memory_format=torch.contiguous_format)
         # the local slice of the full gradient: dense softmax term + the set terms of ids in this shard
-        _loss._ops.opd_topk_loss_bwd_chunk_(grad, ctx.offset, grad_loss.contiguous(), lse, ids, rewards,
-                                            ctx.temperature)
-        return grad, None, None, None, None, None, None, None
+        _loss._ops.opd_topk_loss_bwd_chunk_(grad, ctx.offset, grad_loss.contiguous(), lse, ctx.rule.ids, coef,
+                                            ctx.rule.temperature)
+        return grad, None, None, None
 
 
 def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -186,47 +192,47 @@ def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, 
     ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
-    return OPDLoss(*_VocabParallelOPDLoss.apply(logits_shard, ids.contiguous(), tq.contiguous(), valid.contiguous(),
-                                                weight_mode_index(weight_mode), float(temperature),
-                                                float(log_ratio_clip), group))
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+    rule = _loss._OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+                          float(temperature), float(log_ratio_clip))
+    return OPDLoss(*_VocabParallelSetLoss.apply(logits_shard, rule, "vocab_parallel_opd_topk_loss", group))
 
 
-class _VocabParallelWeightedLinearOPDLoss(torch.autograd.Function):
-    """sum_t token_weights[t] * loss_t on logits = hidden @ weight_shard.T per vocabulary shard, gradients formed
-    in the forward (as opd_topk_loss_linear_weighted on one device), one [rows, V_r] block at a time: the block's
-    shard logits stream into a state, the states merge across ranks (global log-sum-exp and set log-probs), the
-    rewards follow on every rank, the block's logits turn into their gradient in place, and d hidden (partial on
-    each rank: its own columns) is summed across ranks."""
+class _VocabParallelWeightedLinearSetLoss(torch.autograd.Function):
+    """sum_t token_weights[t] * loss_t of a set loss (its rule) on logits = hidden @ weight_shard.T per vocabulary
+    shard, gradients formed in the forward (as opdcore.ops.loss.WeightedLinearSetLoss on one device), one
+    [rows, V_r] block at a time: the block's shard logits stream into a state, the states merge across ranks
+    (global log-sum-exp and set log-probs), the rule's loss and coefficients follow on every rank, the block's
+    logits turn into their gradient in place, and d hidden (partial on each rank: its own columns) is summed
+    across ranks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight_shard, ids, tq, valid, token_weights, mode, temperature, clip, rows_per_block,
-                group):
-        what = "vocab_parallel_opd_topk_loss_linear_weighted"
+    def forward(ctx, hidden, weight_shard, token_weights, rule, rows_per_block, what, group):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        N, cols = hidden.shape[0], weight_shard.shape[0]
+        N, cols, ids = hidden.shape[0], weight_shard.shape[0], rule.ids
         offset, vocab = _shard_layout(N, cols, None, what, group)
         _exchange([], _first_error(lambda: _check_ids(ids, vocab, "ids")), what, group)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight_shard.shape, dtype=acc, device=weight_shard.device) if need_w else None
         outs = [torch.empty(N, dtype=acc, device=hidden.device), torch.empty(ids.shape, dtype=acc, device=hidden.device),
                 torch.empty(ids.shape, dtype=acc, device=hidden.device), torch.empty(N, dtype=acc, device=hidden.device)]
-        loss, rewards, slp, lse = outs
+        loss, coef, slp, lse = outs
         with torch.no_grad():
             for r0 in range(0, N, rows_per_block):
                 r1 = min(N, r0 + rows_per_block)
                 h = hidden[r0:r1]
                 z = h @ weight_shard.T
-                state = StreamState(r1 - r0, 0, ids[r0:r1], dtype=acc, device=hidden.device, temperature=temperature)
+                state = StreamState(r1 - r0, 0, ids[r0:r1], dtype=acc, device=hidden.device,
+                                    temperature=rule.temperature)
                 _exchange([], _first_error(lambda: state.update(z, offset)), what, group)
                 res = _gather_merge(state, group).finalize()
-                # identical inputs on every rank (merged log-probs, replicated teacher values): all fail or none
-                rewards[r0:r1], loss[r0:r1] = _loss._ops.opd_rewards(res.target_logprobs, tq[r0:r1], valid[r0:r1],
-                                                                      mode, clip)
+                # identical inputs on every rank (merged log-probs, replicated set values): all fail or none
+                loss[r0:r1], coef[r0:r1] = rule.from_logprobs(res.target_logprobs, r0, r1)
                 slp[r0:r1], lse[r0:r1] = res.target_logprobs, res.lse
                 if need_h or need_w:
                     _loss._ops.opd_topk_loss_bwd_chunk_(z, offset, token_weights[r0:r1], res.lse, ids[r0:r1],
-                                                        rewards[r0:r1], temperature)
+                                                        coef[r0:r1], rule.temperature)
                     if need_h:
                         part = (z @ weight_shard).to(_comm_device(group))
                         dist.all_reduce(part, group=group)  # every rank's columns contribute
@@ -234,12 +240,12 @@ class _VocabParallelWeightedLinearOPDLoss(torch.autograd.Function):
                     if need_w:
                         grad_w.addmm_(z.T.to(acc), h.to(acc))
         ctx.save_for_backward(grad_h, grad_w.to(weight_shard.dtype) if need_w else None)
-        ctx.mark_non_differentiable(loss, rewards, slp, lse)
-        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, rewards, slp, lse
+        ctx.mark_non_differentiable(loss, coef, slp, lse)
+        return (loss.to(token_weights.dtype) * token_weights).sum(), loss, coef, slp, lse
 
     @staticmethod
     def backward(ctx, grad_total, *_):
-        return scaled_saved_grads(ctx, grad_total, 11)
+        return scaled_saved_grads(ctx, grad_total, 7)
 
 
 def _first_error(fn) -> Optional[BaseException]:
@@ -275,18 +281,73 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
                              f"{max_block_elements}")
         return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0])
 
-    try:
-        ids, tq, valid = check()
-        err = None
-    except (TypeError, ValueError) as e:
-        err = e
-    _exchange([], err, what, group)
+    ids, tq, valid = _checked_everywhere(check, what, group)
+    rule = _loss._OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+                          float(temperature), float(log_ratio_clip))
+    return _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, OPDLoss, group)
+
+
+def _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, result, group):
     rows = max(1, min(hidden.shape[0], max_block_elements // max(1, weight_shard.shape[0])))
-    total, *out = _VocabParallelWeightedLinearOPDLoss.apply(
-        hidden, weight_shard, ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(),
-        token_weights.detach().to(acc).contiguous(), weight_mode_index(weight_mode), float(temperature),
-        float(log_ratio_clip), rows, group)
-    return total, OPDLoss(*out)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    total, *out = _VocabParallelWeightedLinearSetLoss.apply(hidden, weight_shard,
+                                                            token_weights.detach().to(acc).contiguous(), rule, rows,
+                                                            what, group)
+    return total, result(*out)
+
+
+def vocab_parallel_ppo_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, old_logprobs: torch.Tensor,
+                                 advantages: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
+                                 temperature: float = 1.0, clip_low: float = 0.2, clip_high: Optional[float] = None,
+                                 dual_clip: float = 3.0, group=None) -> PPOLoss:
+    """opdcore.ops.ppo_topk_loss of the full-vocabulary logits whose rank-r shard is logits_shard [N, V_r]; ids,
+    old_logprobs, advantages and valid are the same on every rank. Loss replicated, gradient per shard."""
+    what = "vocab_parallel_ppo_topk_loss"
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+
+    def check():
+        if logits_shard.dim() != 2:
+            raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
+        return _policy.prepare_ppo(ids, old_logprobs, advantages, valid, logits_shard.shape[0], acc, temperature,
+                                   clip_low, clip_high, dual_clip)
+
+    rule = _checked_everywhere(check, what, group)
+    return PPOLoss(*_VocabParallelSetLoss.apply(logits_shard, rule, what, group))
+
+
+def vocab_parallel_ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight_shard: torch.Tensor, ids: torch.Tensor,
+                                                 old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                                                 token_weights: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
+                                                 temperature: float = 1.0, clip_low: float = 0.2,
+                                                 clip_high: Optional[float] = None, dual_clip: float = 3.0,
+                                                 max_block_elements: int = 1 << 24, group=None):
+    """opdcore.ops.ppo_topk_loss_linear_weighted with the LM head split by vocabulary rows (as
+    vocab_parallel_opd_topk_loss_linear_weighted): (sum_t token_weights[t] * loss_t, PPOLoss), replicated."""
+    what = "vocab_parallel_ppo_topk_loss_linear_weighted"
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def check():
+        _check_linear(hidden, weight_shard, None)
+        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
+            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
+                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
+        if max_block_elements < 1:
+            raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+        return _policy.prepare_ppo(ids, old_logprobs, advantages, valid, hidden.shape[0], acc, temperature,
+                                   clip_low, clip_high, dual_clip)
+
+    rule = _checked_everywhere(check, what, group)
+    return _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, PPOLoss, group)
+
+
+def _checked_everywhere(check, what, group):
+    """check()'s result; a bad input on any rank makes every rank raise (before any collective of the op)."""
+    try:
+        out, err = check(), None
+    except (TypeError, ValueError) as e:
+        out, err = None, e
+    _exchange([], err, what, group)
+    return out
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -7,7 +7,7 @@ from typing import Dict
 
 import torch
 
-from opdcore.config import Config, to_dict
+from opdcore.config import Config, several_updates, to_dict
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
 from opdcore.data.reward import verify
 from opdcore.metrics import gap_recovery
@@ -48,6 +48,10 @@ class Trainer:
         if cfg.train.prompts_per_step % dist.dp_world():
             raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must be divisible by the number "
                              f"of data-parallel ranks {dist.dp_world()}")
+        per_rank = cfg.train.prompts_per_step // dist.dp_world() * cfg.rollout.n
+        if cfg.train.mini_batches > per_rank:
+            raise ValueError(f"train.mini_batches={cfg.train.mini_batches} exceeds the {per_rank} responses each "
+                             f"data-parallel rank gets per step (train.prompts_per_step x rollout.n / ranks)")
         torch.manual_seed(cfg.train.seed + dist.dp_rank())  # tensor-parallel peers draw the same numbers
         self.out = cfg.train.output_dir
         paths = self._resolve_paths()
@@ -220,19 +224,36 @@ class Trainer:
         answers = [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts]
         correct = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), a) if a is not None
                    else float("nan") for r, a in zip(rollouts, answers)]
+        several = several_updates(cfg)
         with timer("score"):
-            mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device)
+            mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
+                                   min_count=cfg.train.mini_batches)
             scored = [S.score(self.student, self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
             sets = [S.token_set(sc, mb, cfg) if mb is not None else None for sc, mb in zip(scored, mbs)]
+            # several updates per batch: PPO surrogates against the student that scored the rollouts
+            policy = [S.policy_terms(self.student, mb, sc, ts, cfg) if mb is not None else None
+                      for mb, sc, ts in zip(mbs, scored, sets)] if several else None
         lengths = {i: len(r.response_ids) for i, r in enumerate(rollouts)}
-        n_tok, n_seq = dist.all_reduce([sum(lengths.values()), len(rollouts)])
-        weights = S.token_weights(mbs, lengths, cfg.loss.aggregation, float(n_tok), float(n_seq), dist.world())
+        groups = S.mini_batch_groups(len(mbs), cfg.train.mini_batches)
+        # each mini-batch's loss is its own token / sequence mean over all ranks
+        sizes = dist.all_reduce([x for g in groups for x in (sum(mbs[i].num_tokens for i in g if mbs[i]),
+                                                              sum(len(mbs[i].indices) for i in g if mbs[i]))])
         advantages = None
         if cfg.loss.outcome_weight > 0:  # hybrid: + w * GRPO-normalised verifiable reward (METHOD.md 2.6)
             advantages = S.grpo_advantages([r.prompt_index for r in rollouts], correct)
+        outcome = S.outcome_terms(mbs, scored, advantages)
         with timer("update"):
-            upd = S.update(self.student, self.optimizer, self.scheduler, mbs, sets, weights, cfg, self.params,
-                           S.outcome_terms(mbs, scored, advantages), teacher=self.teacher)
+            updates = []
+            for _ in range(cfg.train.update_epochs):
+                for gi, g in enumerate(groups):
+                    part = [mbs[i] for i in g]
+                    weights = S.token_weights(part, lengths, cfg.loss.aggregation, float(sizes[2 * gi]),
+                                              float(sizes[2 * gi + 1]), dist.world())
+                    updates.append(S.update(self.student, self.optimizer, part, [sets[i] for i in g], weights, cfg,
+                                            self.params, [outcome[i] for i in g], teacher=self.teacher,
+                                            policy=[policy[i] for i in g] if several else None))
+            self.scheduler.step()
+            upd = S.merge_updates(updates)
         with timer("sync"):
             self.sync_engine()
         self.step += 1
@@ -309,6 +330,10 @@ class Trainer:
             if png:
                 print(f"curves: {png}")
         return final
+
+    def close(self) -> None:
+        """Release the rollout engine's resources (vLLM's weight-sync folder)."""
+        self.engine.close()
 
     def _acc_key(self) -> str:
         return f"accuracy_avg@{self.cfg.eval.n}"

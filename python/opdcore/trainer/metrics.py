@@ -125,6 +125,14 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     out.update(_sequence_diagnostics(rollouts, correct, mbs, scored))
     out["grad_norm"] = upd["grad_norm"]
     out["step_skipped"] = upd["step_skipped"]
+    if "optimizer_steps" in upd:
+        out["optimizer_steps"] = upd["optimizer_steps"]
+    if "clip_counts" in upd:  # several updates per batch: how far the student moved from the rollouts' student
+        c = upd["clip_counts"]
+        clipped, counted, dev = dist.all_reduce(c[:3].tolist()).tolist()
+        out["ppo_clip_fraction"] = clipped / counted if counted else float("nan")
+        out["ppo_ratio_deviation"] = dev / counted if counted else float("nan")
+        out["ppo_ratio_max"] = float(dist.all_reduce([float(c[3])], op="max")[0])
     out["lr"] = optimizer.param_groups[0]["lr"]
     # tensor-parallel peers hold the same rollouts: count them once
     tokens = float(dist.all_reduce([sum(len(r.prompt_ids) + len(r.response_ids) for r in rollouts)])[0]) / \

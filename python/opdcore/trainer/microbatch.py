@@ -45,15 +45,16 @@ def from_packed(batch: PackedBatch, indices: List[int], device) -> MicroBatch:
                       batch.payloads["rollout_logprobs"][j].to(device), positions.to(device))
 
 
-def build(rollouts: List[Rollout], max_tokens: int, device) -> List[MicroBatch]:
-    """Split the rank's rollouts under a token budget, with the same number of micro-batches on every rank
-    (each FSDP forward is a collective, so ranks must run equally many)."""
+def build(rollouts: List[Rollout], max_tokens: int, device, min_count: int = 1) -> List[MicroBatch]:
+    """Split the rank's rollouts under a token budget into at least min_count micro-batches (one per
+    mini-batch at least), with the same number on every rank (each FSDP forward is a collective, so ranks must
+    run equally many)."""
     buf = PackedBuffer()
     for r in rollouts:
         lp = r.rollout_logprobs if r.rollout_logprobs is not None else [float("nan")] * len(r.response_ids)
         buf.add(r.prompt_ids, r.response_ids, {"rollout_logprobs": torch.tensor(lp, dtype=torch.float32)})
     groups = buf.split(max_tokens)
-    count = int(dist.all_reduce([len(groups)], op="max")[0])
+    count = max(int(dist.all_reduce([len(groups)], op="max")[0]), min_count)
     if count > len(groups):  # rebalance into as many as the busiest rank; None marks a rank with too few rollouts
         groups = buf.split(num_micro_batches=min(count, len(rollouts)))
         groups += [[]] * (count - len(groups))

@@ -9,7 +9,9 @@ import torch.nn as nn
 
 import opdcore
 from opdcore import parallel as P
-from opdcore.ops import dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, renorm_topk_kl_linear
+from opdcore.metrics import ppo_clip_counts
+from opdcore.ops import (dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, ppo_topk_loss,
+                         ppo_topk_loss_linear_weighted, renorm_topk_kl_linear)
 from opdcore.parallel.tensor_parallel import local_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -108,12 +110,10 @@ class OPDModel(nn.Module):
             return self._from_logits(h @ w.T, mode, **kw)
         if mode == "score":
             return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
+        head = SetLossHead(hidden=h, weight=w)
         if mode == "loss":  # the gradient is formed in the forward: three head matmuls instead of four
-            loss = opd_topk_loss_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
-                                                 kw["valid"], weight_mode=kw["weight_mode"],
-                                                 temperature=kw["temperature"],
-                                                 log_ratio_clip=kw["log_ratio_clip"])[0]
-        elif mode == "renorm_kl":
+            return _reward_losses(head, kw)
+        if mode == "renorm_kl":
             loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
         elif mode == "dense":  # one [rows, V] block of each model's logits at a time, gradient in the forward
@@ -123,14 +123,7 @@ class OPDModel(nn.Module):
                                                     teacher_logit_scale=kw["teacher_scale"])[0]
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        if kw.get("outcome") is not None:
-            sampled, lp_rollout, adv = kw["outcome"]
-            # -A * log p(y_t) through the same kernel: with q := p_rollout * e^A the reward -(log p - log q) is
-            # A (p equals the rollout-time p: one update per batch), weight 1, no clipping
-            loss = loss + opd_topk_loss_linear_weighted(
-                h, w, sampled, (lp_rollout + adv)[:, None], kw["token_weights"] * kw["outcome_weight"],
-                weight_mode="none", temperature=kw["temperature"])[0]
-        return loss
+        return loss + _outcome_loss(head, kw)
 
     def _forward_tp(self, h, mode, **kw):
         """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard. Extraction and the top-k loss
@@ -146,16 +139,7 @@ class OPDModel(nn.Module):
                 return P.vocab_parallel_linear_topk(h, w, kw["k"], ids=kw["ids"], temperature=kw["temperature"],
                                                     group=g)
         if mode == "loss":  # fused with the head shard: gradients formed in the forward, d hidden summed inside
-            loss = P.vocab_parallel_opd_topk_loss_linear_weighted(
-                h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"], kw["valid"],
-                weight_mode=kw["weight_mode"], temperature=kw["temperature"], log_ratio_clip=kw["log_ratio_clip"],
-                group=g)[0]
-            if kw.get("outcome") is not None:
-                sampled, lp_rollout, adv = kw["outcome"]
-                loss = loss + P.vocab_parallel_opd_topk_loss_linear_weighted(
-                    h, w, sampled, (lp_rollout + adv)[:, None], kw["token_weights"] * kw["outcome_weight"],
-                    weight_mode="none", temperature=kw["temperature"], group=g)[0]
-            return loss
+            return _reward_losses(SetLossHead(hidden=h, weight=w, group=g), kw)
         logits = head(h)[:, :cols]
         if mode == "head":
             return logits, None
@@ -172,12 +156,7 @@ class OPDModel(nn.Module):
                                                           beta=kw["beta"], temperature=kw["temperature"], group=g)
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        if kw.get("outcome") is not None:
-            sampled, lp_rollout, adv = kw["outcome"]
-            per_token = per_token + kw["outcome_weight"] * P.vocab_parallel_opd_topk_loss(
-                logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"],
-                group=g).loss
-        return (per_token * kw["token_weights"]).sum()
+        return (per_token * kw["token_weights"]).sum() + _outcome_loss(SetLossHead(logits=logits, group=g), kw)
 
     def _from_logits(self, logits, mode, **kw):
         if mode == "head":
@@ -188,11 +167,10 @@ class OPDModel(nn.Module):
                 tgt, _ = opdcore.logprobs_at(logits, kw["ids"], kw["temperature"])
             k = kw["k"]
             return opdcore.ops.StreamResult(top.ids[:, :k], top.logprobs[:, :k], top.lse, top.entropy, tgt)
+        head = SetLossHead(logits=logits)
         if mode == "loss":
-            per_token = opdcore.opd_topk_loss(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                              weight_mode=kw["weight_mode"], temperature=kw["temperature"],
-                                              log_ratio_clip=kw["log_ratio_clip"]).loss
-        elif mode == "renorm_kl":
+            return _reward_losses(head, kw)
+        if mode == "renorm_kl":
             per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                                temperature=kw["temperature"])
         elif mode == "dense":
@@ -202,11 +180,67 @@ class OPDModel(nn.Module):
                                                  beta=kw["beta"], temperature=kw["temperature"])
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        if kw.get("outcome") is not None:
-            sampled, lp_rollout, adv = kw["outcome"]
-            per_token = per_token + kw["outcome_weight"] * opdcore.opd_topk_loss(
-                logits, sampled, (lp_rollout + adv)[:, None], weight_mode="none", temperature=kw["temperature"]).loss
-        return (per_token * kw["token_weights"]).sum()
+        return (per_token * kw["token_weights"]).sum() + _outcome_loss(head, kw)
+
+
+class SetLossHead:
+    """Where a reward-weighted set loss reads the student's logits: hidden states and an LM head (row blocks,
+    gradients formed in the forward, never [R, V]) or logits; on one device, or this rank's vocabulary shard of
+    them (group set). weighted() is the token-weighted sum of the OPD loss or, given ppo = (old log-probs,
+    advantages, PPOClip), of the PPO surrogate, and the kernel's per-token result."""
+
+    def __init__(self, hidden=None, weight=None, logits=None, group=None):
+        self.hidden, self.weight, self.logits, self.group = hidden, weight, logits, group
+
+    def weighted(self, ids, token_weights, valid=None, *, temperature, teacher_logprobs=None, weight_mode="none",
+                 log_ratio_clip=0.0, ppo=None):
+        tp = {} if self.group is None else {"group": self.group}
+        if ppo is not None:
+            old, adv, clip = ppo
+            args = (ids, old, adv)
+            opts = dict(temperature=temperature, clip_low=clip.low, clip_high=clip.high, dual_clip=clip.dual, **tp)
+            fused, plain = ((P.vocab_parallel_ppo_topk_loss_linear_weighted, P.vocab_parallel_ppo_topk_loss) if tp
+                            else (ppo_topk_loss_linear_weighted, ppo_topk_loss))
+        else:
+            args = (ids, teacher_logprobs)
+            opts = dict(weight_mode=weight_mode, temperature=temperature, log_ratio_clip=log_ratio_clip, **tp)
+            fused, plain = ((P.vocab_parallel_opd_topk_loss_linear_weighted, P.vocab_parallel_opd_topk_loss) if tp
+                            else (opd_topk_loss_linear_weighted, opdcore.opd_topk_loss))
+        if self.logits is None:
+            return fused(self.hidden, self.weight, *args, token_weights, valid, **opts)
+        out = plain(self.logits, *args, valid, **opts)
+        return (out.loss * token_weights).sum(), out
+
+
+def _reward_losses(head: SetLossHead, kw):
+    """mode "loss": the reward-weighted set loss plus the outcome term; with kw["ppo"] (several updates per
+    batch) both as PPO surrogates, returned with the main loss's clip counts (opdcore.metrics)."""
+    ppo = kw.get("ppo")
+    total, out = head.weighted(kw["ids"], kw["token_weights"], kw["valid"], temperature=kw["temperature"],
+                               teacher_logprobs=kw["teacher_logprobs"], weight_mode=kw["weight_mode"],
+                               log_ratio_clip=kw["log_ratio_clip"],
+                               ppo=None if ppo is None else (ppo.old_logprobs, ppo.advantages, ppo.clip))
+    total = total + _outcome_loss(head, kw)
+    if ppo is None:
+        return total
+    return total, ppo_clip_counts(out.student_logprobs, ppo.old_logprobs, ppo.advantages, out.coefficients,
+                                  kw["valid"])
+
+
+def _outcome_loss(head: SetLossHead, kw):
+    """The hybrid outcome term (METHOD.md 2.6), -A log p(y_t) weighted by loss.outcome_weight, through the set-loss
+    kernels: with one update per batch as the OPD loss with q := p_rollout * e^A and weight 1 (its reward
+    -(log p - log q) is A while p is the rollout-time p); with several, as a PPO surrogate on the sampled token."""
+    if kw.get("outcome") is None:
+        return 0.0
+    sampled, lp_rollout, adv = kw["outcome"]
+    ppo = kw.get("ppo")
+    weights = kw["token_weights"] * kw["outcome_weight"]
+    if ppo is not None:
+        return head.weighted(sampled, weights, temperature=kw["temperature"],
+                             ppo=(lp_rollout[:, None], adv[:, None], ppo.clip))[0]
+    return head.weighted(sampled, weights, temperature=kw["temperature"],
+                         teacher_logprobs=(lp_rollout + adv)[:, None])[0]
 
 
 def _gather_vocab_shards(head, _inputs, logits_shard):

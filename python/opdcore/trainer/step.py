@@ -1,6 +1,7 @@
 """One OPD step after the rollouts: score (student, then teacher), build token sets, update the student."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -10,7 +11,8 @@ import torch
 
 from opdcore.config import Config
 from opdcore.losses import default_weight_mode
-from opdcore.ops import build_token_set
+from opdcore.ops import build_token_set, canonical_strategy, opd_rewards
+from opdcore.ops.policy import PPOClip
 from opdcore.parallel.tensor_parallel import clip_grad_norm
 from opdcore.trainer.microbatch import MicroBatch
 
@@ -54,6 +56,46 @@ def token_set(sc: Scored, mb: MicroBatch, cfg: Config):
                          sc.teacher_topk_lp)
     mode = default_weight_mode(cfg.loss.strategy) if cfg.loss.weight_mode == "auto" else cfg.loss.weight_mode
     return ts.ids, ts.teacher_logprobs, ts.valid, mode
+
+
+@dataclass
+class PolicyTerms:
+    """What the PPO surrogate needs of a micro-batch with several updates per batch (METHOD.md 2.3), fixed when
+    the rollouts are scored: the student's log-probs on the token set then and the advantages (the OPD rewards
+    of that student). The outcome term needs only the clip (its old log-prob is the scored sampled token's)."""
+    clip: PPOClip
+    old_logprobs: Optional[torch.Tensor] = None  # [R, K]
+    advantages: Optional[torch.Tensor] = None  # [R, K]
+
+
+def ppo_clip(cfg: Config) -> PPOClip:
+    lo = cfg.loss.ppo_clip
+    return PPOClip(lo, lo if cfg.loss.ppo_clip_high is None else cfg.loss.ppo_clip_high, cfg.loss.ppo_dual_clip)
+
+
+@torch.no_grad()
+def policy_terms(student, mb: MicroBatch, sc: Scored, token_set, cfg: Config) -> PolicyTerms:
+    """The micro-batch's PolicyTerms. The student's log-probs on its own top-k (or the sampled token) come from
+    the scoring pass; sets with teacher ids (teacher, union, symmetric_difference) take one more student pass."""
+    clip = ppo_clip(cfg)
+    if cfg.loss.dense != "none" or cfg.loss.renorm_kl:  # true divergences: no surrogate, no ratio
+        return PolicyTerms(clip)
+    ids, tq, valid, mode = token_set
+    if cfg.loss.topk == 0:
+        old = sc.student_sampled_lp[:, None]
+    elif canonical_strategy(cfg.loss.strategy) in ("student", "intersection"):  # the set's ids are S_t
+        old = sc.student_logprobs
+    else:
+        old = student(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=0,
+                      temperature=cfg.rollout.temperature, ids=ids).target_logprobs
+    adv = opd_rewards(old, tq, valid, weight_mode=mode, log_ratio_clip=cfg.loss.log_ratio_clip)[0]
+    return PolicyTerms(clip, old, adv)
+
+
+def mini_batch_groups(count: int, mini_batches: int) -> List[List[int]]:
+    """Micro-batch indices [0, count) in mini_batches contiguous, near-equal groups (one optimizer step each)."""
+    bounds = [round(i * count / mini_batches) for i in range(mini_batches + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(mini_batches)]
 
 
 def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], aggregation: str,
@@ -108,13 +150,14 @@ def _dense_terms(teacher, mb: MicroBatch, cfg: Config) -> dict:
                 divergence=cfg.loss.dense, beta=cfg.loss.dense_beta)
 
 
-def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config,
-           params, outcome=None, teacher=None) -> Dict[str, float]:
-    """Gradient accumulation over the micro-batches, grad clip, and the optimizer step (skipped when the
+def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config, params, outcome=None,
+           teacher=None, policy=None) -> Dict[str, float]:
+    """One optimizer step: gradient accumulation over the micro-batches, grad clip, and the step (skipped when the
     gradient norm is not finite). With loss.dense the teacher runs again per micro-batch (its hidden states
-    are never stored for the whole batch)."""
+    are never stored for the whole batch); with `policy` (several updates per batch) the reward-weighted
+    losses are PPO surrogates and the clip counts come back too."""
     optimizer.zero_grad(set_to_none=True)
-    total = 0.0
+    total, clip_counts = 0.0, None
     real = [i for i, mb in enumerate(mbs) if mb is not None]
     for i, mb in enumerate(mbs):
         # a rank with too few rollouts replays its first micro-batch at weight 0: FSDP forwards are collectives
@@ -125,7 +168,12 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
         loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids, teacher_logprobs=tq,
                        valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
                        log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
-                       outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight, **dense)
+                       outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight,
+                       ppo=policy[j] if policy else None, **dense)
+        if isinstance(loss, tuple):  # the PPO surrogate: (loss, clip counts)
+            loss, counts = loss
+            if scale:
+                clip_counts = counts if clip_counts is None else _add_counts(clip_counts, counts)
         loss.backward()
         total += float(loss.detach())
     grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 / tensor-parallel DTensor gradients too
@@ -135,7 +183,26 @@ def update(student, optimizer, scheduler, mbs: List[Optional[MicroBatch]], sets,
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
-    scheduler.step()
-    return {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
+    out = {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
+    if clip_counts is not None:
+        out["clip_counts"] = clip_counts
+    return out
 
 
+def _add_counts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Merge two ppo_clip_counts: sums add, the largest ratio is the larger."""
+    return torch.cat([a[:3] + b[:3], torch.maximum(a[3:], b[3:])])
+
+
+def merge_updates(updates: List[Dict]) -> Dict:
+    """A training step's record of its optimizer steps: the mean loss and gradient norm, the skipped steps
+    counted, the clip counts merged."""
+    if len(updates) == 1:
+        return updates[0]
+    out = {"loss": sum(u["loss"] for u in updates) / len(updates),
+           "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
+           "step_skipped": sum(u["step_skipped"] for u in updates), "optimizer_steps": float(len(updates))}
+    counts = [u["clip_counts"] for u in updates if "clip_counts" in u]
+    if counts:
+        out["clip_counts"] = functools.reduce(_add_counts, counts)
+    return out
