@@ -99,6 +99,33 @@ def torch_loss_fwd_bwd_graph(logits, ids, tq, valid):
     return -(r * slp).sum(-1).mean()
 
 
+def _renorm_kl_graph(z, tq):
+    """KL(pbar || qbar) over the set from its K logits [N, K], through autograd."""
+    lpbar = torch.log_softmax(z.float(), -1)
+    lqbar = torch.log_softmax(tq, -1)
+    return (lpbar.exp() * (lpbar - lqbar)).sum(-1).mean()
+
+
+def torch_linear_renorm_fwd_bwd(hidden, weight, ids, tq):
+    """The plain way: full [N, V] logits, then gather the set."""
+    h = hidden.detach().requires_grad_(True)
+    _renorm_kl_graph((h @ weight.T).gather(1, ids), tq).backward()
+    return h.grad
+
+
+def torch_gathered_renorm_fwd_bwd(hidden, weight, ids, tq):
+    """The K head rows of every token gathered at once ([N, K, H]), autograd."""
+    h = hidden.detach().requires_grad_(True)
+    _renorm_kl_graph(torch.bmm(weight[ids], h.unsqueeze(2)).squeeze(2), tq).backward()
+    return h.grad
+
+
+def opdcore_linear_renorm_fwd_bwd(hidden, weight, ids, tq):
+    h = hidden.detach().requires_grad_(True)
+    opdcore.ops.renorm_topk_kl_linear(h, weight, ids, tq).mean().backward()
+    return h.grad
+
+
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 def measure(name, fn, repeats):
@@ -137,28 +164,45 @@ def run(args):
             tq = torch.log_softmax(torch.randn(N, k), -1) - 2.0
             valid = torch.ones(N, k, dtype=torch.bool)
             cfg = f"V={V} {dtype}"
+            want = lambda group: args.groups is None or group in args.groups  # noqa: E731
             cases = [("torch log_softmax+topk", lambda: torch_extract(logits, k)),
                      ("torch, + lse + entropy", lambda: torch_extract_full(logits, k)),
                      ("opdcore.topk_logprobs", lambda: opdcore.topk_logprobs(logits, k))]
             if compiled_extract is not None:
                 cases.append(("torch.compile(torch way)", lambda: compiled_extract(logits, k)))
-            results += [dict(r, config=cfg) for r in rows_for("extraction", cases, args.repeats)]
+            if want("extraction"):
+                results += [dict(r, config=cfg) for r in rows_for("extraction", cases, args.repeats)]
             cases = [("torch autograd", lambda: torch_loss_fwd_bwd(logits, ids, tq, valid)),
                      ("opdcore.opd_topk_loss", lambda: opdcore_loss_fwd_bwd(logits, ids, tq, valid))]
-            results += [dict(r, config=cfg) for r in rows_for("loss fwd+bwd", cases, args.repeats)]
+            if want("loss"):
+                results += [dict(r, config=cfg) for r in rows_for("loss fwd+bwd", cases, args.repeats)]
             del logits
             hidden = (torch.randn(N, H) / H**0.5).to(dt)
             weight = torch.randn(V, H).to(dt)
             cases = [("matmul + torch extraction", lambda: linear_then_torch(hidden, weight, k)),
                      ("matmul + opdcore.topk_logprobs", lambda: linear_then_opdcore(hidden, weight, k)),
                      ("opdcore.linear_topk (fused)", lambda: opdcore.linear_topk(hidden, weight, k))]
-            results += [dict(r, config=cfg) for r in rows_for("LM head + extraction", cases, args.repeats)]
+            if want("linear-extraction"):
+                results += [dict(r, config=cfg) for r in rows_for("LM head + extraction", cases, args.repeats)]
             cases = [("matmul + torch autograd", lambda: torch_linear_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
                      ("matmul + opdcore loss", lambda: unfused_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
                      ("opdcore.opd_topk_loss_linear", lambda: fused_loss_fwd_bwd(hidden, weight, ids, tq, valid)),
                      ("opd_topk_loss_linear_weighted",
                       lambda: fused_weighted_loss_fwd_bwd(hidden, weight, ids, tq, valid))]
-            results += [dict(r, config=cfg) for r in rows_for("LM head + loss fwd+bwd", cases, args.repeats)]
+            if want("linear-loss"):
+                results += [dict(r, config=cfg) for r in rows_for("LM head + loss fwd+bwd", cases, args.repeats)]
+            # the exact renormalised top-k KL (the default run's loss) needs only the K set logits per token;
+            # K = 2k: a union set
+            uids = torch.cat([ids, torch.randint(0, V, ids.shape)], 1)
+            utq = torch.log_softmax(torch.randn(uids.shape), -1) - 2.0
+            cases = [("matmul + gather + autograd", lambda: torch_linear_renorm_fwd_bwd(hidden, weight, uids, utq)),
+                     ("gather K head rows + autograd",
+                      lambda: torch_gathered_renorm_fwd_bwd(hidden, weight, uids, utq)),
+                     ("opdcore.renorm_topk_kl_linear",
+                      lambda: opdcore_linear_renorm_fwd_bwd(hidden, weight, uids, utq))]
+            if want("linear-renorm"):
+                results += [dict(r, config=cfg) for r in rows_for("LM head + renorm_kl fwd+bwd", cases,
+                                                                  args.repeats)]
     return results
 
 
@@ -172,6 +216,9 @@ def markdown(results, args):
         lines.append(f"| {r['config']} | {r['kind']} | {r['method']} | {r['s'] * 1e3:.1f} | {r['mib']:.0f} | "
                      f"{r['speedup']:.2f}x | {r['mem_ratio']:.1f}x |")
     return "\n".join(lines)
+
+
+GROUPS = ("extraction", "loss", "linear-extraction", "linear-loss", "linear-renorm")
 
 
 def main():
@@ -193,6 +240,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--peer-compile", action="store_true", help="also time torch.compile of the PyTorch way")
     p.add_argument("--quick", action="store_true", help="N=512, V=32000 only")
+    p.add_argument("--groups", nargs="+", choices=GROUPS, help="only these groups (default: all)")
     p.add_argument("--out", help="write the markdown table here")
     args = p.parse_args()
     if args.quick:

@@ -156,9 +156,13 @@ def test_gradcheck_renorm_kl():
     g = torch.Generator().manual_seed(4)
     h = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    f = lambda a, b: opdcore.ops.renorm_topk_kl_linear(a, b, ids, tq.double(), valid)
-    assert torch.autograd.gradcheck(f, (h, w))
-    torch.testing.assert_close(f(h, w), ref.renorm_topk_kl(h @ w.T, ids, tq.double(), valid))
+    for block in (1 << 24, 60, 1):  # all rows at once; head rows gathered 2 rows at a time; one row at a time
+        f = lambda a, b: opdcore.ops.renorm_topk_kl_linear(a, b, ids, tq.double(), valid,  # noqa: E731
+                                                           max_block_elements=block)
+        assert torch.autograd.gradcheck(f, (h, w))
+        torch.testing.assert_close(f(h, w), ref.renorm_topk_kl(h @ w.T, ids, tq.double(), valid))
+    with pytest.raises(ValueError, match="max_block_elements must be >= 1"):
+        opdcore.ops.renorm_topk_kl_linear(h, w, ids, tq.double(), valid, max_block_elements=0)
 
 
 @given(n=st.integers(1, 6), k=st.integers(1, 8), v=st.integers(8, 30), seed=st.integers(0, 2**31),

@@ -187,20 +187,71 @@ def opd_topk_loss_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
 
 def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
                           teacher_logprobs: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
-                          temperature: float = 1.0) -> torch.Tensor:
-    """renorm_topk_kl on logits = hidden @ weight.T: only K dot products per token (gathers K head rows)."""
+                          temperature: float = 1.0, max_block_elements: int = 1 << 22) -> torch.Tensor:
+    """renorm_topk_kl on logits = hidden @ weight.T: only K dot products per token, the K head rows gathered
+    for at most max_block_elements / (K * H) rows at a time (a cache-sized workspace: 16 MiB in float32)."""
     check_device(hidden, "hidden")
     _check_linear(hidden, weight, None)
     ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
-    set_logits = torch.bmm(weight[ids], hidden.unsqueeze(2)).squeeze(2)  # [N, K]
+    if max_block_elements < 1:
+        raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+    rows = max(1, max_block_elements // max(1, ids.shape[1] * hidden.shape[1]))
+    set_logits = SetLogits.apply(hidden, weight, ids.contiguous(), rows)
     return _ops.renorm_kl_fwd(set_logits, tq, valid, float(temperature))[0]
+
+
+class SetLogits(torch.autograd.Function):
+    """z[n, k] = hidden[n] . weight[ids[n, k]]: the K set logits per row, with the LM-head rows gathered one row
+    block at a time into one reused workspace, so at most [rows, K, H] of gathered weights exist (not [N, K, H])
+    in either pass, and fresh memory is not faulted in for every block."""
+
+    @staticmethod
+    def _blocks(weight, ids, rows):
+        """Yield (r0, r1, gathered head rows [r1 - r0, K, H]) over row blocks, reusing one buffer."""
+        K, H = ids.shape[1], weight.shape[1]
+        buf = torch.empty(min(rows, ids.shape[0]) * K, H, dtype=weight.dtype, device=weight.device)
+        for r0 in range(0, ids.shape[0], rows):
+            r1 = min(ids.shape[0], r0 + rows)
+            out = buf[:(r1 - r0) * K]
+            torch.index_select(weight, 0, ids[r0:r1].reshape(-1), out=out)
+            yield r0, r1, out.view(r1 - r0, K, H)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, rows_per_block):
+        z = torch.empty(ids.shape, dtype=hidden.dtype, device=hidden.device)
+        for r0, r1, w_rows in SetLogits._blocks(weight, ids, rows_per_block):
+            torch.bmm(w_rows, hidden[r0:r1].unsqueeze(2), out=z[r0:r1].unsqueeze(2))
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.rows = rows_per_block
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        hidden, weight, ids = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        g = grad_z.to(hidden.dtype)
+        grad_w = None
+        if need_w:  # d weight[ids[n, k]] += g[n, k] hidden[n], accumulated in float32
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            for r0 in range(0, ids.shape[0], ctx.rows):
+                r1 = min(ids.shape[0], r0 + ctx.rows)
+                rows = (g[r0:r1].unsqueeze(2) * hidden[r0:r1].unsqueeze(1)).to(acc)
+                grad_w.index_add_(0, ids[r0:r1].reshape(-1), rows.reshape(-1, hidden.shape[1]))
+            grad_w = grad_w.to(weight.dtype)
+        grad_h = None
+        if need_h:  # d hidden[n] = sum_k g[n, k] weight[ids[n, k]]
+            grad_h = torch.empty_like(hidden)
+            for r0, r1, w_rows in SetLogits._blocks(weight, ids, ctx.rows):
+                torch.bmm(g[r0:r1].unsqueeze(1), w_rows, out=grad_h[r0:r1].unsqueeze(1))
+        return grad_h, grad_w, None, None
 
 
 # ---- fused with the LM head, reduced with known per-token weights: gradients formed in the forward ------------
 
-class _OPDRule:
+class OPDRule:
     """The set-loss rule of the reward-weighted OPD loss: rewards r = -w (log p - log q) from the set log-probs.
 
     A rule turns a block of rows [r0, r1) into (loss, coefficients, set log-probs, lse) from its logits
@@ -221,7 +272,7 @@ class _OPDRule:
 
 
 class SetLossFunction(torch.autograd.Function):
-    """A set loss of full logits [N, V] under a rule (see _OPDRule): (loss, coefficients, set log-probs, lse);
+    """A set loss of full logits [N, V] under a rule (see OPDRule): (loss, coefficients, set log-probs, lse);
     the backward is the one-pass kernel with the rule's coefficients."""
 
     @staticmethod
@@ -315,7 +366,7 @@ def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    rule = _OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+    rule = OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
                     float(temperature), float(log_ratio_clip))
     total, *out = WeightedLinearSetLoss.run(hidden, weight, rule, token_weights, max_block_elements)
     return total, OPDLoss(*out)

@@ -154,7 +154,7 @@ def vocab_parallel_linear_topk(hidden: torch.Tensor, weight_shard: torch.Tensor,
 
 
 class _VocabParallelSetLoss(torch.autograd.Function):
-    """A set loss (its rule: opdcore.ops.loss._OPDRule or the PPO rule) of the full-vocabulary logits whose
+    """A set loss (its rule: opdcore.ops.loss.OPDRule or the PPO rule) of the full-vocabulary logits whose
     shard this rank holds: the shards' states merge into the global log-sum-exp and set log-probs, the rule
     turns those into the loss and coefficients on every rank, the backward is local to each shard."""
 
@@ -193,7 +193,7 @@ def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, 
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-    rule = _loss._OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+    rule = _loss.OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
                           float(temperature), float(log_ratio_clip))
     return OPDLoss(*_VocabParallelSetLoss.apply(logits_shard, rule, "vocab_parallel_opd_topk_loss", group))
 
@@ -282,7 +282,7 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
         return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0])
 
     ids, tq, valid = _checked_everywhere(check, what, group)
-    rule = _loss._OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+    rule = _loss.OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
                           float(temperature), float(log_ratio_clip))
     return _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, OPDLoss, group)
 

@@ -62,7 +62,7 @@ def _fused_head_supported(model) -> bool:
 class OPDModel(nn.Module):
     """A causal LM whose forward returns per-response-token results computed from its hidden states:
     mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "dense" the loss summed with
-    token_weights, mode "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H])
+    token_weights (mode "loss" given ppo terms: the PPO surrogate's, with its clip counts), mode "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H])
     with the fused head, else ([R, V] logits, None).
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters

@@ -61,7 +61,7 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
             pts = [(r["step"], r[key]) for r in sel if key in r and not math.isnan(r[key])]
             if pts:
                 ax.plot(*zip(*pts), marker="o" if kind == "eval" else None, lw=1.5, label=key)
-        if len(keys) > 1 or (kind == "eval" and ax.get_legend_handles_labels()[0]):
+        if ax.get_legend_handles_labels()[0] and (len(keys) > 1 or kind == "eval"):  # e.g. no top-k curves at k=0
             ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
