@@ -164,6 +164,63 @@ def test_torchrun_resume_from_sharded_checkpoint(tiny, tmp_path, extra):
             assert got[step][key] == want[step][key], (step, key)
 
 
+def _final_weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def _optimizer_state(out_dir, tiny):
+    """The resumed student's optimizer state, flat: a single-process Trainer built in this process resumes from
+    out_dir's latest checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from opdcore.config import load_config
+    from opdcore.trainer.loop import Trainer
+
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(load_config(None, tuple(overrides(tiny, out_dir, **{"train.steps": 2}))))
+        _, optim_sd = get_state_dict(trainer.student, trainer.optimizer)
+    finally:
+        torch.set_num_threads(threads)
+    return {f"{k}.{n}": v for k, st in optim_sd["state"].items() for n, v in st.items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("extra", [{}, {"train.tensor_parallel": 2}])
+def test_resume_at_another_world_size(tiny, tmp_path, extra):
+    """Checkpoints hold the model and optimizer in torch.distributed.checkpoint's resharding format at every world
+    size: a 2-process (FSDP or tensor-parallel) checkpoint resumes in one process and a one-process checkpoint on
+    2 processes, with the weights and optimizer state exactly as written."""
+    import shutil
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    port = 29561 if not extra else 29571
+    two, one, again = tmp_path / "two", tmp_path / "one", tmp_path / "again"
+    torchrun(tiny, two, 2, port, **{"train.steps": 2, "train.save_every": 2, **extra})
+    shutil.copytree(two / "checkpoints", one / "checkpoints")
+    r = run(overrides(tiny, one, **{"train.steps": 2}))  # resumes at the last step: the final model is the checkpoint's
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "written by 2 ranks, resumed on 1: model and optimizer resharded" in r.stdout
+    a, b = _final_weights(two), _final_weights(one)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    dcp_to_torch_save(two / "checkpoints" / "step_00000002" / "shards", tmp_path / "written.pt")
+    written = torch.load(tmp_path / "written.pt", weights_only=False)["optimizer"]["state"]
+    written = {f"{k}.{n}": v for k, st in written.items() for n, v in st.items() if torch.is_tensor(v)}
+    resumed = _optimizer_state(one, tiny)
+    assert written.keys() == resumed.keys() and any(v.abs().sum() > 0 for v in written.values())
+    assert all(torch.equal(written[k], resumed[k]) for k in written), "optimizer state after resharding"
+
+    r = run(overrides(tiny, one, **{"train.steps": 3, "train.save_every": 1}))  # trains on, writes a 1-rank checkpoint
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [m["step"] for m in metrics(one)] == [3]
+    shutil.copytree(one / "checkpoints", again / "checkpoints")
+    r = torchrun(tiny, again, 2, port + 1, **{"train.steps": 3, **extra})
+    assert "written by 1 ranks, resumed on 2" in r.stdout
+    a, b = _final_weights(one), _final_weights(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 TP_SAME = ("loss", "grad_norm", "response_length", "train_accuracy", "student_entropy", "overlap_ratio")
 
 

@@ -73,21 +73,22 @@ def latest(root: str) -> Optional[str]:
 
 
 def load(path: str) -> Dict[str, Any]:
-    """The trainer state and this rank's RNG state; clear errors for a missing or corrupt checkpoint."""
+    """The trainer state with "world_size" (of the run that wrote it) and "rng": this rank's RNG state, or None
+    when the checkpoint was written at another world size (its per-rank streams do not map onto this run's).
+    Clear errors for a missing or corrupt checkpoint."""
     marker = os.path.join(path, COMPLETE)
     if not os.path.isfile(marker):
         raise ValueError(f"{path} is not a complete opdcore checkpoint (no {COMPLETE})")
-    with open(marker) as f:
-        meta = json.load(f)
-    if meta["world_size"] != dist.world():
-        raise ValueError(f"checkpoint {path} was written by {meta['world_size']} ranks but this run has "
-                         f"{dist.world()}; resume with the same world size")
     try:
+        with open(marker) as f:
+            meta = json.load(f)
         state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-        rng = torch.load(os.path.join(path, f"rng_rank{dist.rank()}.pt"), map_location="cpu", weights_only=False)
+        same_world = meta["world_size"] == dist.world()
+        rng = torch.load(os.path.join(path, f"rng_rank{dist.rank()}.pt"), map_location="cpu",
+                         weights_only=False) if same_world else None
     except Exception as e:  # truncated or corrupt files
         raise ValueError(f"checkpoint {path} is corrupt or unreadable: {e}") from e
-    state["rng"] = rng
+    state["world_size"], state["rng"] = meta["world_size"], rng
     return state
 
 

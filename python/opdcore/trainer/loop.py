@@ -155,21 +155,18 @@ class Trainer:
     # ---- checkpoint / resume -------------------------------------------------------------------------------------
 
     def _state(self) -> Dict:
-        state = {"step": self.step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                 "config": to_dict(self.cfg), "baseline": self.baseline}
-        if not self.sharded:  # one process: the model and optimizer go into trainer.pt too
-            state.update(model=self.student.state_dict(), optimizer=self.optimizer.state_dict())
-        return state
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
+                "config": to_dict(self.cfg), "baseline": self.baseline}
 
     def _write_shards(self, folder: str) -> None:
-        """Under FSDP every rank writes its own shards (torch.distributed.checkpoint): no rank ever holds the
-        whole model and optimizer, and the checkpoint loads back at the same world size."""
-        if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
+        """Model and optimizer through torch.distributed.checkpoint, at every world size: each rank writes its
+        own shards (no rank ever holds the whole model and optimizer under FSDP), with the global layout in the
+        metadata, so a checkpoint loads back at any world size and parallel layout (resharded on load)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
+        model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
 
     def save(self) -> str:
         return checkpoint.save(os.path.join(self.out, "checkpoints"), self.step, self._state(),
@@ -182,7 +179,13 @@ class Trainer:
         if path is None:
             return
         state = checkpoint.load(path)
-        if self.sharded:
+        if "model" in state:  # a single-process checkpoint of opdcore <= 0.1: model and optimizer in trainer.pt
+            if self.sharded:
+                raise ValueError(f"checkpoint {path} holds an unsharded model of an older opdcore: resume it in "
+                                 f"one process")
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -191,17 +194,20 @@ class Trainer:
             dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
             set_state_dict(self.student, self.optimizer, model_state_dict=shards["model"],
                            optim_state_dict=shards["optimizer"])
-        else:
-            self.student.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
         self.sync_engine()
         self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
-        checkpoint.set_rng_state(state["rng"])
+        self.sampler.load_state_dict(state["sampler"])  # a global position: valid at any world size
+        if state["rng"] is not None:
+            checkpoint.set_rng_state(state["rng"])
+        else:  # another world size: the random streams restart, seeded by step and data-parallel rank
+            torch.manual_seed(self.cfg.train.seed + 1_000_003 * state["step"] + dist.dp_rank())
         self.step = state["step"]
         self.baseline = state.get("baseline", {})
         if dist.is_main():
             print(f"resumed from {path} at step {self.step}")
+            if state["rng"] is None:
+                print(f"  written by {state['world_size']} ranks, resumed on {dist.world()}: model and optimizer "
+                      f"resharded, the prompt order continues, sampling draws fresh random numbers")
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
