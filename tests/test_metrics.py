@@ -137,3 +137,16 @@ def test_errors_name_the_argument():
         D.position_profile(torch.zeros(2), torch.tensor([0, -1]), 2, 3)
     with pytest.raises(ValueError, match="student_entropy"):
         D.entropy_gap(torch.zeros(3), torch.zeros(2))
+
+
+def test_ppo_clip_counts():
+    slp = torch.log(torch.tensor([[0.5, 0.2, 0.1], [0.3, 0.3, 0.3]], dtype=torch.float64))
+    old = torch.log(torch.tensor([[0.25, 0.2, 0.1], [0.3, 0.6, 0.3]], dtype=torch.float64))  # ratios 2, 1, 1 | 1, .5, 1
+    adv = torch.tensor([[1.0, 0.0, -1.0], [2.0, -1.0, 1.0]], dtype=torch.float64)
+    coef = torch.tensor([[0.0, 0.0, -1.0], [2.0, 0.0, 1.0]], dtype=torch.float64)  # ratio 2 (A > 0), 0.5 (A < 0) clipped
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    clipped, counted, dev, top = D.ppo_clip_counts(slp, old, adv, coef, valid).tolist()
+    assert (clipped, counted) == (2.0, 4.0)  # the zero advantage and the invalid entry are not counted
+    assert math.isclose(dev, 1.0 + 0.5, rel_tol=1e-12) and math.isclose(top, 2.0, rel_tol=1e-12)
+    with pytest.raises(ValueError, match="coefficients must have the shape of student_logprobs"):
+        D.ppo_clip_counts(slp, old, adv, coef[:, :2], valid)

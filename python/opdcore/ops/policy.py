@@ -116,8 +116,8 @@ def prepare_ppo(ids, old_logprobs, advantages, valid, rows: int, acc: torch.dtyp
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name} is not finite at a valid set entry (row {row}): the rollout-time student "
                              f"must give every set token a finite log-prob and advantage")
-    if bool((valid & (old > 0)).any()):
-        raise ValueError("old_logprobs holds a positive log-prob at a valid set entry")
+    if bool((valid & (old > 1e-3)).any()):  # logits passed for log-probs (rounding may leave +1e-7, not more)
+        raise ValueError("old_logprobs holds a positive log-prob at a valid set entry (logits instead of log-probs?)")
     return PPORule(ids.contiguous(), old.detach().to(acc).contiguous(), advantages.detach().to(acc).contiguous(),
                    valid.contiguous(), float(temperature), clip)
 
