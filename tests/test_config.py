@@ -52,6 +52,7 @@ def test_yaml_then_overrides(tmp_path):
     (("diagnostics.probe_cuts=[]",), r"diagnostics.probe_cuts must be fractions"),
     (("diagnostics.probe_every=-1",), "diagnostics.probe_every must be >= 0"),
     (("train.update_epochs=0",), "train.update_epochs must be >= 1"),
+    (("rollout.hf_generate_sharded=true", "train.tensor_parallel=2"), "hf_generate_sharded needs"),
     (("train.mini_batches=0",), "train.mini_batches must be >= 1"),
     (("loss.ppo_clip=1.0",), r"loss.ppo_clip must be in \[0, 1\)"),
     (("loss.ppo_clip_high=-0.1",), "loss.ppo_clip_high must be >= 0"),

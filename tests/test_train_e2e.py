@@ -164,6 +164,22 @@ def test_torchrun_resume_from_sharded_checkpoint(tiny, tmp_path, extra):
             assert got[step][key] == want[step][key], (step, key)
 
 
+def test_torchrun_generating_with_the_sharded_student_matches_the_replica(tiny, tmp_path):
+    """rollout.hf_generate_sharded: the FSDP student generates itself (no replica, no per-step weight sync) and
+    trains exactly as with the replica, rollouts, evaluation and continuation probe included."""
+    replica, sharded = tmp_path / "replica", tmp_path / "sharded"
+    for out, flag, port in ((replica, False, 29581), (sharded, True, 29582)):
+        torchrun(tiny, out, 2, port, **{"train.steps": 2, "rollout.hf_generate_sharded": flag,
+                                        "diagnostics.probe_every": 1})
+    for kind in ("train", "eval", "probe"):
+        a, b = metrics(replica, kind), metrics(sharded, kind)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b):
+            for key in (DETERMINISTIC if kind == "train" else x):
+                assert x[key] == y[key] or (x[key] != x[key] and y[key] != y[key]), (kind, key)
+    assert os.path.isfile(sharded / "final" / "model.safetensors")
+
+
 def _final_weights(out):
     from safetensors.torch import load_file
 

@@ -37,6 +37,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 7168
     batch_size: int = 64  # prompts per generate call (hf)
+    # hf under FSDP: false generates with a full replica of the student synced after every step; true with the
+    # sharded student itself, its parameters gathered once per generate call (no second copy of the model)
+    hf_generate_sharded: bool = False
     vllm_gpu_memory_utilization: float = 0.4
     vllm_enforce_eager: bool = True
 
@@ -287,6 +290,9 @@ def validate(cfg: Config) -> Config:
                           f"{cfg.model.student!r})")
     if (cfg.model.student == "synthetic") != (cfg.model.teacher == "synthetic"):
         raise ConfigError("model.student and model.teacher must both be 'synthetic' or both be real models")
+    if cfg.rollout.hf_generate_sharded and (cfg.rollout.engine != "hf" or cfg.train.tensor_parallel > 1):
+        raise ConfigError("rollout.hf_generate_sharded needs rollout.engine=hf and train.tensor_parallel=1 (each "
+                          "data-parallel rank samples its own rollouts from the FSDP-sharded student)")
     if cfg.loss.renorm_kl and cfg.loss.topk == 0:
         raise ConfigError("loss.renorm_kl needs loss.topk > 0")
     if cfg.loss.renorm_kl and cfg.loss.dense != "none":

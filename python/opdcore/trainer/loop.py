@@ -99,8 +99,11 @@ class Trainer:
             student_hf.gradient_checkpointing_enable()
         student_hf.train()
         self.sharded = dist.world() > 1
-        # rollouts: the training model itself in one process; a plain replica synced after each step under FSDP
-        engine_model = copy.deepcopy(student_hf).eval() if self.sharded else student_hf
+        # rollouts: the training model itself in one process; under FSDP a plain replica synced after each step,
+        # or (rollout.hf_generate_sharded) the sharded student itself
+        replica = self.sharded and not self.cfg.rollout.hf_generate_sharded and self.cfg.rollout.engine == "hf"
+        engine_model = copy.deepcopy(student_hf).eval() if replica else student_hf
+        self.replica = engine_model if replica else None
         if self.mesh is not None:  # tensor parallelism: both models, the LM heads by vocabulary shards
             rows = [hf.get_output_embeddings().weight.shape[0] for hf in (student_hf, teacher_hf)]
             if self.cfg.loss.dense != "none" and rows[0] != rows[1]:
@@ -123,6 +126,10 @@ class Trainer:
             self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
                                      gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                                      enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed)
+        elif self.sharded and r.hf_generate_sharded:  # every forward is a collective: generate in lockstep
+            self.engine = HFEngine(GenerateThroughRoot(self.student, gather_once=True), self.tokenizer,
+                                   batch_size=r.batch_size, shares_training_model=True, vocab_limit=self.vocab,
+                                   synced=True)
         else:
             self.engine = HFEngine(engine_model, self.tokenizer, batch_size=r.batch_size,
                                    shares_training_model=not self.sharded, vocab_limit=self.vocab)
@@ -385,7 +392,7 @@ class Trainer:
         sd = full_state_dict(self.student, self.sharded)
         path = os.path.join(self.out, "final")
         if dist.is_main():
-            model = self.student.hf if not self.sharded else self.engine.model
+            model = self.replica if self.replica is not None else self.student.hf  # config, generation files
             model.save_pretrained(path, state_dict=sd, safe_serialization=True)
             self.tokenizer.save_pretrained(path)
         dist.barrier()

@@ -2,6 +2,7 @@
 parallelism (vocabulary-parallel losses on the LM head's shards)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import torch
@@ -87,6 +88,9 @@ class OPDModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
         if mode == "generate":  # transformers generate inside the root forward (see GenerateThroughRoot)
+            if kw.pop("gather_once", False) and _is_fsdp(self):
+                with _gathered(self):
+                    return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
             if self.tp_group is None:
                 return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
             # the column-parallel head returns this rank's vocabulary shard; decoding needs every token's logit
@@ -253,13 +257,32 @@ def _gather_vocab_shards(head, _inputs, logits_shard):
                               run_check=False, shape=shape, stride=stride).full_tensor()
 
 
+@contextlib.contextmanager
+def _gathered(model: nn.Module):
+    """FSDP2 units keep their gathered parameters from their first forward until the block ends: one all-gather
+    per unit for a whole generate call instead of one per decoding step (peak memory: the full model)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()
+            u.set_reshard_after_forward(True, recurse=False)
+
+
 class GenerateThroughRoot:
     """The model interface HFEngine uses, generating through OPDModel.forward(mode="generate"): a sharded model
     (FSDP2 unit per layer plus the OPDModel root holding embeddings, final norm and LM head) must be entered
-    through the root's forward, which gathers the root's parameters and sets up the layers' hooks."""
+    through the root's forward, which gathers the root's parameters and sets up the layers' hooks. gather_once:
+    an FSDP model keeps its parameters gathered through all decoding steps of a call (see _gathered)."""
 
-    def __init__(self, model: OPDModel):
+    def __init__(self, model: OPDModel, gather_once: bool = False):
         self.model = model
+        self.gather_once = gather_once
 
     @property
     def training(self) -> bool:
@@ -280,7 +303,7 @@ class GenerateThroughRoot:
         return self.model.hf.get_output_embeddings()
 
     def generate(self, input_ids, attention_mask, **kw):
-        return self.model(input_ids, attention_mask, None, "generate", **kw)
+        return self.model(input_ids, attention_mask, None, "generate", gather_once=self.gather_once, **kw)
 
 
 def decoder_layers(hf_model: nn.Module):
