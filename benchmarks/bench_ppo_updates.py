@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +30,10 @@ VARIANTS = {  # name -> overrides of the synthetic preset
     "top-16 student_p, 4 mini-batches": {"loss.renorm_kl": False, "train.mini_batches": 4},
     "renorm_kl (default), 1 update": {},
     "renorm_kl (default), 4 mini-batches": {"train.mini_batches": 4},
+    # the same total step size: 4 optimizer steps at a quarter of the learning rate
+    "sampled-token, 4 mini-batches, lr / 4": {"loss.topk": 0, "loss.renorm_kl": False, "train.mini_batches": 4,
+                                              "optim.lr": 2.5e-4},
+    "renorm_kl (default), 4 mini-batches, lr / 4": {"train.mini_batches": 4, "optim.lr": 2.5e-4},
 }
 
 
@@ -62,8 +67,7 @@ def main() -> int:
     subprocess.run([sys.executable, "-c", "from opdcore.data.default_setup import prepare_default_setup as p; "
                     "import os; p(os.path.join(os.path.expanduser('~'), '.cache', 'opdcore', 'synthetic'), seed=0)"],
                    check=True)
-    outs = {n: os.path.join(args.out, n.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
-            for n in names}
+    outs = {n: os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")) for n in names}
     pending, running, seconds = list(names), {}, {}
     while pending or running:
         while pending and len(running) < args.parallel:

@@ -18,6 +18,10 @@ PANELS = [
     ("entropy gap |H(q) - H(p)|", "train", ("entropy_gap",)),
     ("sampled-token reward log q - log p", "train", ("sampled_token_reward",)),
     ("reward AUROC (correct vs incorrect)", "train", ("reward_auroc",)),
+    # training health (METHOD.md 3): the update's size, the token that dominates it, the PPO clipping
+    ("gradient norm (before clipping)", "train", ("grad_norm",)),
+    ("p - q at the largest-|reward| token", "train", ("p_minus_q_at_largest_reward",)),
+    ("several updates per batch: PPO clipping", "train", ("ppo_clip_fraction", "ppo_ratio_deviation")),
 ]
 # per-position curves of positions.png
 POSITION_CURVES = [("entropy gap by position", "entropy_gap"), ("overlap ratio by position", "overlap_ratio"),
@@ -49,7 +53,7 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
     rows = _read(os.path.join(out_dir, "metrics.jsonl"))
     if plt is None or not rows:
         return None
-    fig, axes = plt.subplots(3, 3, figsize=(14, 9.5))
+    fig, axes = plt.subplots(4, 3, figsize=(14, 12.5))
     for ax, (title, kind, keys) in zip(axes.flat, PANELS):
         sel = [r for r in rows if r["kind"] == kind]
         if keys is None:  # the eval accuracy key names its n (accuracy_avg@n)
@@ -61,7 +65,10 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
             pts = [(r["step"], r[key]) for r in sel if key in r and not math.isnan(r[key])]
             if pts:
                 ax.plot(*zip(*pts), marker="o" if kind == "eval" else None, lw=1.5, label=key)
-        if ax.get_legend_handles_labels()[0] and (len(keys) > 1 or kind == "eval"):  # e.g. no top-k curves at k=0
+        if not ax.lines:  # e.g. the top-k diagnostics of a sampled-token run, PPO clipping of one-update runs
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", color="gray",
+                    transform=ax.transAxes)
+        elif ax.get_legend_handles_labels()[0] and (len(keys) > 1 or kind == "eval"):
             ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
