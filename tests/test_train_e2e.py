@@ -50,7 +50,8 @@ def metrics(out_dir, kind="train"):
     {"model.dtype": "bfloat16", "model.gradient_checkpointing": True, "loss.strategy": "symmetric_difference"},
     {"loss.dense": "jsd", "loss.dense_beta": 0.3, "loss.teacher_temperature": 0.8},
     {"loss.dense": "reverse_kl", "loss.fused_lm_head": False, "loss.outcome_weight": 0.5},
-    {"train.update_epochs": 2, "train.mini_batches": 2, "loss.strategy": "union", "loss.outcome_weight": 0.5},
+    {"train.update_epochs": 2, "train.mini_batches": 2, "loss.strategy": "union", "loss.outcome_weight": 0.5,
+     "loss.rollout_is_cap": 2.0},
 ])
 def test_single_process_run(tiny, tmp_path, extra):
     from transformers import AutoModelForCausalLM
@@ -87,6 +88,8 @@ def test_single_process_run(tiny, tmp_path, extra):
     if "train.update_epochs" in extra:  # PPO surrogates: 2 epochs x 2 mini-batches per batch, clip statistics
         assert all(m["optimizer_steps"] == 4 and 0 <= m["ppo_clip_fraction"] <= 1 and m["ppo_ratio_max"] > 0
                    for m in rows)
+        # the hf engine samples with the trained model itself: importance weights ~1
+        assert all(abs(m["rollout_is_weight"] - 1) < 1e-3 for m in rows)
 
 
 def test_killed_run_resumes_exactly(tiny, tmp_path):

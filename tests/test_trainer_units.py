@@ -289,3 +289,12 @@ def test_first_ppo_update_is_the_single_update(extra):
     assert out["clip_counts"][0] == 0 and out["clip_counts"][1] > 0  # nothing clipped at ratio 1
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_rollout_correction_is_a_truncated_importance_weight():
+    mb = _mb([1, 2, 3, 4], [0, 0, 1, 1])
+    mb.rollout_logprobs = torch.tensor([-1.0, -2.0, float("nan"), -0.5])
+    sc = S.Scored(None, None, torch.zeros(4), torch.tensor([-1.5, -0.5, -1.0, -0.5]), None, None, None,
+                  torch.zeros(4), torch.zeros(4))
+    w = S.rollout_correction(mb, sc, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([math.exp(-0.5), 2.0, 1.0, 1.0]))  # e^1.5 capped; unknown: 1

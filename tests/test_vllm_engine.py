@@ -76,7 +76,7 @@ def test_trainer_with_vllm_engine(tmp_path):
     paths = make_tiny_run_dir(tmp_path / "tiny")
     out = tmp_path / "run"
     args = overrides(paths, out, **{"rollout.engine": "vllm", "rollout.vllm_gpu_memory_utilization": 0.15,
-                                    "train.steps": 2})
+                                    "train.steps": 2, "loss.rollout_is_cap": 2.0})
     r = subprocess.run([sys.executable, os.path.join(REPO, "examples", "train.py"), *args], capture_output=True,
                        text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -85,3 +85,5 @@ def test_trainer_with_vllm_engine(tmp_path):
     assert [m["step"] for m in train] == [1, 2]
     # after the first update the engine samples from synced weights: its log-probs still match the trainer's
     assert all(m["rollout_logprob_mismatch"] < 1e-3 for m in train)
+    # so the truncated importance weights of the rollout correction are ~1, none capped
+    assert all(abs(m["rollout_is_weight"] - 1) < 1e-3 and m["rollout_is_capped_fraction"] == 0 for m in train)

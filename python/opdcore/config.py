@@ -73,6 +73,9 @@ class LossConfig:
     ppo_clip_high: Optional[float] = None  # None: ppo_clip; larger: DAPO's clip-higher
     ppo_dual_clip: float = 3.0  # negative advantages: the loss is capped at -ppo_dual_clip * A (0: off)
     fused_lm_head: bool = True  # loss on hidden states + LM head, never [tokens, vocab] logits
+    # rollout / trainer mismatch (e.g. vLLM's sampler vs the trainer's forward): weight each token's loss by the
+    # truncated importance ratio min(p_trainer(y_t) / p_rollout(y_t), cap) (0: off)
+    rollout_is_cap: float = 0.0
 
 
 @dataclass
@@ -160,6 +163,7 @@ RANGES = [
     ("loss.teacher_temperature", lambda v: v > 0, "> 0"),
     ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
     ("loss.dense_beta", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("loss.rollout_is_cap", lambda v: v == 0 or v >= 1, ">= 1 (0: off)"),
     ("loss.ppo_clip", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.ppo_clip_high", lambda v: v is None or v >= 0, ">= 0 (null: loss.ppo_clip)"),
     ("loss.ppo_dual_clip", lambda v: v == 0 or v > 1, "> 1 (0: off)"),

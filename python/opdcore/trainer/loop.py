@@ -255,6 +255,8 @@ class Trainer:
         if cfg.loss.outcome_weight > 0:  # hybrid: + w * GRPO-normalised verifiable reward (METHOD.md 2.6)
             advantages = S.grpo_advantages([r.prompt_index for r in rollouts], correct)
         outcome = S.outcome_terms(mbs, scored, advantages)
+        correction = [S.rollout_correction(mb, sc, cfg.loss.rollout_is_cap) if mb is not None else None
+                      for mb, sc in zip(mbs, scored)] if cfg.loss.rollout_is_cap else None
         with timer("update"):
             updates = []
             for _ in range(cfg.train.update_epochs):
@@ -262,6 +264,8 @@ class Trainer:
                     part = [mbs[i] for i in g]
                     weights = S.token_weights(part, lengths, cfg.loss.aggregation, float(sizes[2 * gi]),
                                               float(sizes[2 * gi + 1]), dist.world())
+                    if correction is not None:
+                        weights = [w if w is None else w * correction[i] for w, i in zip(weights, g)]
                     updates.append(S.update(self.student, self.optimizer, part, [sets[i] for i in g], weights, cfg,
                                             self.params, [outcome[i] for i in g], teacher=self.teacher,
                                             policy=[policy[i] for i in g] if several else None))
@@ -272,7 +276,8 @@ class Trainer:
         self.step += 1
         nb = cfg.diagnostics.position_buckets
         out, self.last_profile = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer,
-                                                bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb)
+                                                bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb,
+                                                correction=correction, cap=cfg.loss.rollout_is_cap)
         return out
 
     def evaluate(self, engine=None, split=None) -> Dict[str, float]:

@@ -77,7 +77,7 @@ def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
 
 
 def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer, bucket_width: int,
-                 num_buckets: int) -> Tuple[Dict[str, float], Dict[str, list]]:
+                 num_buckets: int, correction=None, cap: float = 0.0) -> Tuple[Dict[str, float], Dict[str, list]]:
     """(metrics, per-position profile). Sums and counts are all-reduced, so every rank returns the global
     values. The profile holds the mean of each PROFILED diagnostic per response-position bucket (NaN where a
     bucket is empty) and the token count per bucket."""
@@ -107,6 +107,10 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         diff = (mb.rollout_logprobs - sc.student_sampled_lp)[finite].abs()
         add("rollout_logprob_mismatch", diff.sum(), diff.numel())
         add("set_size", st[2].sum(), n)
+    for w in correction or []:  # loss.rollout_is_cap: the truncated importance weights of the sampled tokens
+        if w is not None:
+            add("rollout_is_weight", w.sum(), w.numel())
+            add("rollout_is_capped_fraction", (w >= cap).sum(), w.numel())
     names, pnames = sorted(sums), sorted(prof)
     flat = [v for k in names for v in sums[k]] + [upd["loss"]]
     flat += torch.cat([torch.cat(prof[k]) for k in pnames]).tolist() if pnames else []

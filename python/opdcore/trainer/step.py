@@ -92,6 +92,14 @@ def policy_terms(student, mb: MicroBatch, sc: Scored, token_set, cfg: Config) ->
     return PolicyTerms(clip, old, adv)
 
 
+def rollout_correction(mb: MicroBatch, sc: Scored, cap: float) -> torch.Tensor:
+    """[R] truncated importance weights min(p_trainer(y_t) / p_rollout(y_t), cap) of the sampled tokens: the
+    rollouts were drawn by the engine's sampler, whose numerics (vLLM's kernels, bf16) differ from the trainer's
+    forward. 1 where the engine reported no log-prob."""
+    ratio = torch.exp(sc.student_sampled_lp - mb.rollout_logprobs.to(sc.student_sampled_lp.dtype))
+    return torch.where(torch.isfinite(mb.rollout_logprobs), ratio.clamp(max=cap), torch.ones_like(ratio))
+
+
 def mini_batch_groups(count: int, mini_batches: int) -> List[List[int]]:
     """Micro-batch indices [0, count) in mini_batches contiguous, near-equal groups (one optimizer step each)."""
     bounds = [round(i * count / mini_batches) for i in range(mini_batches + 1)]
