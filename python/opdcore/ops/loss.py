@@ -12,7 +12,7 @@ import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device
-from opdcore.ops.topk import StreamState, _as_long, _check_linear, iter_head_chunks
+from opdcore.ops.topk import StreamState, _as_long, _check_linear, _check_weighted, iter_head_chunks
 
 _ops = torch.ops.opdcore
 
@@ -337,11 +337,7 @@ class WeightedLinearSetLoss(torch.autograd.Function):
     @staticmethod
     def run(hidden, weight, rule, token_weights, max_block_elements: int):
         """Checks token_weights and the block budget, then applies: (total, loss, coefficients, slp, lse)."""
-        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
-            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
-                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
-        if max_block_elements < 1:
-            raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+        _check_weighted(hidden, token_weights, max_block_elements)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
         return WeightedLinearSetLoss.apply(hidden, weight, token_weights.detach().to(acc).contiguous(), rule, rows)

@@ -118,6 +118,15 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Option
     return min(chunk, weight.shape[0])
 
 
+def _check_weighted(hidden: torch.Tensor, token_weights: torch.Tensor, max_block_elements: int) -> None:
+    """The arguments of the row-block losses that form their gradient in the forward."""
+    if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
+        raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
+                         f"{tuple(token_weights.shape)} {token_weights.dtype}")
+    if max_block_elements < 1:
+        raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+
+
 def iter_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
     """Yield (offset, logits chunk) for hidden @ weight[offset:offset+chunk].T, reusing one workspace."""
     V = weight.shape[0]

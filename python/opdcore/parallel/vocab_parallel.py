@@ -23,7 +23,7 @@ from opdcore.ops import loss as _loss
 from opdcore.ops import policy as _policy
 from opdcore.ops.policy import PPOLoss
 from opdcore.ops._autograd import scaled_saved_grads
-from opdcore.ops.topk import _as_long, _check_linear, iter_head_chunks
+from opdcore.ops.topk import _as_long, _check_linear, _check_weighted, iter_head_chunks
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -273,12 +273,9 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
 
     def check():
         _check_linear(hidden, weight_shard, None)
-        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
-            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
-                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
-        if log_ratio_clip < 0 or max_block_elements < 1:
-            raise ValueError(f"need log_ratio_clip >= 0 and max_block_elements >= 1, got {log_ratio_clip}, "
-                             f"{max_block_elements}")
+        _check_weighted(hidden, token_weights, max_block_elements)
+        if log_ratio_clip < 0:
+            raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
         return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0])
 
     ids, tq, valid = _checked_everywhere(check, what, group)
@@ -328,11 +325,7 @@ def vocab_parallel_ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
 
     def check():
         _check_linear(hidden, weight_shard, None)
-        if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
-            raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
-                             f"{tuple(token_weights.shape)} {token_weights.dtype}")
-        if max_block_elements < 1:
-            raise ValueError(f"max_block_elements must be >= 1, got {max_block_elements}")
+        _check_weighted(hidden, token_weights, max_block_elements)
         return _policy.prepare_ppo(ids, old_logprobs, advantages, valid, hidden.shape[0], acc, temperature,
                                    clip_low, clip_high, dual_clip)
 
