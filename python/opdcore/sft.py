@@ -69,7 +69,7 @@ def sft_train(model, tokenizer, examples: Sequence[Tuple[Prompt, str]], *, steps
               lr: float, warmup: int = 0, seed: int = 0, max_len: Optional[int] = None, progress: bool = True,
               weight_decay: float = 0.0, grad_clip: float = 1.0,
               chat_template_kwargs: Optional[Dict[str, Any]] = None, desc: str = "sft",
-              callback: Optional[Callable[[int, float], bool]] = None) -> List[float]:
+              callback: Optional[Callable[[int, float], bool]] = None, bf16: bool = False) -> List[float]:
     """Train model on (prompt, response) pairs for `steps` optimizer steps; returns the loss of every step.
 
     The loss is the token-mean cross entropy on the response tokens plus the eos that ends them (never on the
@@ -80,6 +80,8 @@ def sft_train(model, tokenizer, examples: Sequence[Tuple[Prompt, str]], *, steps
 
     callback(step, loss), if given, runs after every optimizer step (step counts from 1, the model is in train
     mode); returning True stops training there (early stopping; the schedule still spans `steps`).
+    bf16: forward and backward under bfloat16 autocast (float32 weights and optimizer state), several times
+    faster where the CPU has bfloat16 instructions.
     """
     from tqdm.auto import tqdm
 
@@ -108,7 +110,8 @@ def sft_train(model, tokenizer, examples: Sequence[Tuple[Prompt, str]], *, steps
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
         batch = {k: v.to(device) for k, v in _collate([encoded[i] for i in next(sampler)], pad_id).items()}
-        loss = sft_loss(model, batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = sft_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -154,11 +157,13 @@ def greedy_generate(model, tokenizer, prompts: Sequence[Prompt], max_new_tokens:
 
 
 def greedy_accuracy(model, tokenizer, prompts: Sequence[Prompt], answers: Sequence[Any], max_new_tokens: int,
-                    batch_size: int = 64, chat_template_kwargs: Optional[Dict[str, Any]] = None) -> float:
-    """Fraction of prompts whose greedy completion verify()s against its answer (HF generate, do_sample=False)."""
+                    batch_size: int = 64, chat_template_kwargs: Optional[Dict[str, Any]] = None,
+                    checker: Callable[[str, Any], float] = verify) -> float:
+    """Fraction of prompts whose greedy completion checker(text, answer) accepts (default verify; an
+    opdcore.data.reward.AnswerChecker for another answer extraction), with HF generate, do_sample=False."""
     if len(prompts) != len(answers):
         raise ValueError(f"greedy_accuracy: {len(prompts)} prompts but {len(answers)} answers")
     if not prompts:
         raise ValueError("greedy_accuracy: no prompts")
     texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size, chat_template_kwargs)
-    return sum(verify(t, a) for t, a in zip(texts, answers)) / len(prompts)
+    return sum(checker(t, a) for t, a in zip(texts, answers)) / len(prompts)

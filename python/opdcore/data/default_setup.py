@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from opdcore.data.synthetic import CHARACTERS, SPECIAL_TOKENS, build_char_tokenizer, make_addition_problems, tiny_llama
 
@@ -111,6 +111,39 @@ def _load_cached(final: Path) -> Optional[DefaultSetup]:
         return None
 
 
+def cached_setup(cache_dir, prefix: str, settings: Dict[str, Any],
+                 build: Callable[[Path], Dict[str, Any]]) -> DefaultSetup:
+    """The setup cached in cache_dir/<prefix>-<hash of settings>, built by build(tmp_dir) when missing.
+
+    build writes the artefacts named in _PATHS into the directory it is given and returns setup.json's content.
+    The cache is built in a temporary directory and renamed into place when complete, so a killed run never
+    leaves a directory that a later call would use; concurrent callers (torchrun ranks) serialise on a lock
+    file and the later ones get the cache; an unusable cache is rebuilt.
+    """
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / f"{prefix}-{key}"
+    if final.is_dir() and (hit := _load_cached(final)) is not None:
+        return hit
+    with _exclusive(cache_dir / f".{prefix}-{key}.lock"):
+        if final.is_dir():  # another process may have finished while we waited, or the cache is broken
+            if (hit := _load_cached(final)) is not None:
+                return hit
+            shutil.rmtree(final)
+        for stale in glob.glob(str(cache_dir / f".{prefix}-{key}.tmp-*")):  # left by a killed run (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{prefix}-{key}.tmp-"))
+        try:
+            meta = build(tmp)
+            (tmp / "setup.json").write_text(json.dumps(meta, indent=1))  # last: marks the directory complete
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _setup(final, meta, from_cache=False)
+
+
 def prepare_default_setup(cache_dir, *, seed: int = 0, digits: int = 3,
                           teacher: Optional[Mapping[str, Any]] = None, student: Optional[Mapping[str, Any]] = None,
                           teacher_sft_steps: int = 500, student_sft_steps: int = 600,
@@ -130,9 +163,7 @@ def prepare_default_setup(cache_dir, *, seed: int = 0, digits: int = 3,
     that target: its accuracy rises from ~0 to ~1 within a couple of hundred steps, so a fixed step count
     would land anywhere in between depending on seed and settings. None trains the full budget.
 
-    Every setting, and FORMAT_VERSION, goes into the cache key. The cache is built in a temporary directory
-    and renamed into place when complete, so a killed run never leaves a directory that a later call would
-    use; concurrent callers (torchrun ranks) serialise on a lock file and the later ones get the cache. Set
+    Every setting, and FORMAT_VERSION, goes into the cache key (see cached_setup). Set
     torch.set_num_threads(1) first when cores are shared: two threads per process can be far slower.
     """
     for name, value in (("n_sft", n_sft), ("n_train", n_train), ("n_dev", n_dev), ("n_eval", n_eval),
@@ -154,28 +185,7 @@ def prepare_default_setup(cache_dir, *, seed: int = 0, digits: int = 3,
         "n_sft": n_sft, "n_train": n_train, "n_dev": n_dev, "n_eval": n_eval,
         "batch_size": batch_size, "lr": lr, "warmup": warmup,
     }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cache_dir = Path(cache_dir).expanduser()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / f"default-{key}"
-    if final.is_dir() and (hit := _load_cached(final)) is not None:
-        return hit
-    with _exclusive(cache_dir / f".default-{key}.lock"):
-        if final.is_dir():  # another process may have finished while we waited, or the cache is broken
-            if (hit := _load_cached(final)) is not None:
-                return hit
-            shutil.rmtree(final)
-        for stale in glob.glob(str(cache_dir / f".default-{key}.tmp-*")):  # left by a killed run (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".default-{key}.tmp-"))
-        try:
-            meta = _build(tmp, settings, progress)
-            (tmp / "setup.json").write_text(json.dumps(meta, indent=1))  # last: marks the directory complete
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return _setup(final, meta, from_cache=False)
+    return cached_setup(cache_dir, "default", settings, lambda out: _build(out, settings, progress))
 
 
 def _build(out: Path, settings: Dict[str, Any], progress: bool) -> Dict[str, Any]:

@@ -8,11 +8,16 @@ last "Answer:" / "answer is" (to the end of that line or sentence), else the val
 "####"; a response with none of them has no answer and scores 0. Comparison (answers_match) is exact match after
 normalize_answer, or exact numeric equality of both sides (thousands separators, decimals, scientific notation,
 a/b fractions, \frac). Not handled: units, percent ("50%" matches "50%" only), symbolic equivalence.
+
+Small chat models rarely follow an answer format: AnswerChecker picks the extraction (EXTRACTIONS: "marked" as
+above, "last_number" the last number in the text, "marked_or_last_number", "regex" the first group of the last
+match of a pattern, "exact" the whole response) and says when a response has no extractable answer.
 """
 from __future__ import annotations
 
 import re
 from fractions import Fraction
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 Gold = Union[str, int, float, Sequence[Union[str, int, float]]]
@@ -158,3 +163,60 @@ def verify(response_text: str, gold: Gold) -> float:
     if gold is None:
         raise ValueError("verify: gold is None; this prompt has no ground-truth answer to score against")
     return 1.0 if answers_match(extract_answer(response_text), gold) else 0.0
+
+
+EXTRACTIONS = ("marked", "last_number", "marked_or_last_number", "regex", "exact")
+# "1,234", "-3", "2.5", "3/4"; a trailing sentence period is not part of the number
+_NUMBER = re.compile(r"(?<![\w.])[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+
+
+def last_number(text: str) -> Optional[str]:
+    """The last number written in text ("so 15 + 10 = 25 stickers." -> "25"), or None."""
+    if not isinstance(text, str):
+        raise TypeError(f"last_number: text must be a str, got {type(text).__name__}")
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+@dataclass(frozen=True)
+class AnswerChecker:
+    """How a response's final answer is found (`extraction`, one of EXTRACTIONS; `pattern` for "regex": the
+    first capture group, or the whole match, of its last match) and compared with the gold answer."""
+
+    extraction: str = "marked"
+    pattern: str = ""
+
+    def __post_init__(self):
+        if self.extraction not in EXTRACTIONS:
+            raise ValueError(f"answer extraction must be one of {', '.join(EXTRACTIONS)}; got {self.extraction!r}")
+        if self.extraction == "regex":
+            if not self.pattern:
+                raise ValueError("answer extraction 'regex' needs a pattern (data.answer_regex)")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"answer pattern {self.pattern!r} is not a valid regular expression: {e}") from e
+
+    def extract(self, text: str) -> Optional[str]:
+        """The answer stated in text, or None when it has none under this extraction."""
+        if self.extraction == "marked":
+            return extract_answer(text)
+        if self.extraction == "last_number":
+            return last_number(text)
+        if self.extraction == "marked_or_last_number":
+            marked = extract_answer(text)
+            return marked if marked is not None else last_number(text)
+        if self.extraction == "exact":
+            return text.strip() or None
+        matches = list(re.finditer(self.pattern, text))
+        if not matches:
+            return None
+        m = matches[-1]
+        value = (m.group(1) if m.re.groups else m.group(0)).strip()
+        return value or None
+
+    def __call__(self, text: str, gold: Gold) -> float:
+        """1.0 when the extracted answer matches gold (answers_match), else 0.0; gold None is an error."""
+        if gold is None:
+            raise ValueError("AnswerChecker: gold is None; this prompt has no ground-truth answer to score against")
+        return 1.0 if answers_match(self.extract(text), gold) else 0.0

@@ -8,8 +8,9 @@ from typing import Dict
 import torch
 
 from opdcore.config import Config, several_updates, to_dict
+from opdcore.data.presets import PRESETS, prepare_preset
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
-from opdcore.data.reward import verify
+from opdcore.data.reward import AnswerChecker
 from opdcore.metrics import gap_recovery
 from opdcore.parallel.tensor_parallel import parallelize
 from opdcore.rollout import SamplingConfig
@@ -57,6 +58,7 @@ class Trainer:
         paths = self._resolve_paths()
         self._load_models(paths)
         self._load_data(paths)
+        self.checker = AnswerChecker(cfg.data.answer_extraction, cfg.data.answer_regex)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -72,15 +74,13 @@ class Trainer:
 
     def _resolve_paths(self) -> Dict[str, str]:
         m, d = self.cfg.model, self.cfg.data
-        if m.student != "synthetic":
+        if m.student not in PRESETS:
             return {"student": m.student, "teacher": m.teacher, "tokenizer": m.tokenizer or m.student,
                     "train": d.train_path, "eval": d.eval_path}
-        from opdcore.data.default_setup import prepare_default_setup
-
         cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
         setup = None
-        if dist.is_main():  # one rank trains the synthetic teacher (cached on disk), the others wait
-            setup = prepare_default_setup(os.path.join(cache, "synthetic"), seed=self.cfg.train.seed)
+        if dist.is_main():  # one rank builds the preset's models (cached on disk), the others wait
+            setup = prepare_preset(m.student, os.path.join(cache, m.student), seed=self.cfg.train.seed)
         setup = dist.broadcast_object(setup)
         return {"student": setup.student_dir, "teacher": setup.teacher_dir, "tokenizer": setup.tokenizer_dir,
                 "train": setup.train_prompts_path, "eval": setup.eval_prompts_path}
@@ -227,16 +227,24 @@ class Trainer:
         r = self.cfg.rollout
         return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
+    def compute(self):
+        """The autocast context of every model computation (model.autocast)."""
+        on = self.cfg.model.autocast != "none"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+
     def train_step(self) -> Dict[str, float]:
+        with self.compute():
+            return self._train_step()
+
+    def _train_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, M.Timer()
         idx = next(self.sampler)
         with timer("rollout"):  # tensor-parallel peers train on the same rollouts: their first rank samples
             rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling()) \
                 if dist.tp_rank() == 0 else None
             rollouts = dist.broadcast_in_tp_group(rollouts)
-        answers = [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts]
-        correct = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True), a) if a is not None
-                   else float("nan") for r, a in zip(rollouts, answers)]
+        correct, no_answer = self._grade(rollouts, [self.train_prompts[idx[r.prompt_index]].answer
+                                                    for r in rollouts])
         several = several_updates(cfg)
         with timer("score"):
             mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
@@ -277,8 +285,16 @@ class Trainer:
         nb = cfg.diagnostics.position_buckets
         out, self.last_profile = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer,
                                                 bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb,
-                                                correction=correction, cap=cfg.loss.rollout_is_cap)
+                                                correction=correction, cap=cfg.loss.rollout_is_cap,
+                                                no_answer=no_answer)
         return out
+
+    def _grade(self, rollouts, answers):
+        """(correct, no_answer) per rollout: 1/0 against its gold answer (NaN where the prompt has none), and
+        whether data.answer_extraction found any answer in the response."""
+        texts = [self.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
+        correct = [self.checker(t, a) if a is not None else float("nan") for t, a in zip(texts, answers)]
+        return correct, [self.checker.extract(t) is None for t in texts]
 
     def evaluate(self, engine=None, split=None) -> Dict[str, float]:
         """Held-out accuracy of the student (or of the model behind `engine`); this rank evaluates the prompts
@@ -292,12 +308,19 @@ class Trainer:
                                   top_p=1.0, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
         engine = engine or self.engine
         # a synced engine joins the other ranks' generation even without prompts of its own
-        rollouts = engine.generate([self.eval_ids[i] for i in mine], sampling) \
-            if mine or getattr(engine, "synced", False) else []
-        scores = [verify(self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
-                         self.eval_prompts[mine[r.prompt_index]].answer) for r in rollouts]
-        total, count = dist.all_reduce([sum(scores), len(scores)])
-        return {f"accuracy_avg@{e.n}": float(total / max(count, 1)), "eval_responses": float(count)}
+        with self.compute():
+            rollouts = engine.generate([self.eval_ids[i] for i in mine], sampling) \
+                if mine or getattr(engine, "synced", False) else []
+        correct, no_answer = self._grade(rollouts, [self.eval_prompts[mine[r.prompt_index]].answer
+                                                    for r in rollouts])
+        graded = [c for c in correct if c == c]  # prompts without an answer are generated, not scored
+        total, count, unscored, missing = dist.all_reduce([sum(graded), len(graded), len(correct) - len(graded),
+                                                           sum(no_answer)])
+        out = {f"accuracy_avg@{e.n}": float(total / count) if count else float("nan"),
+               "eval_responses": float(count), "eval_no_answer_fraction": float(missing / max(count + unscored, 1))}
+        if unscored:
+            out["eval_unscored_responses"] = float(unscored)
+        return out
 
     def run(self) -> Dict[str, float]:
         cfg = self.cfg
@@ -382,12 +405,14 @@ class Trainer:
 
         def check(i, response_ids):
             text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
-            return verify(text, self.eval_prompts[mine[i]].answer)
+            return self.checker(text, self.eval_prompts[mine[i]].answer)
 
-        res = continuation_probe(self.engine, self._teacher_engine(), [self.eval_ids[i] for i in mine], check,
-                                 d.probe_cuts, self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                                 temperature=self.cfg.rollout.temperature,
-                                 reduce=lambda xs: dist.all_reduce(xs).tolist(), share=dist.broadcast_in_tp_group)
+        with self.compute():
+            res = continuation_probe(self.engine, self._teacher_engine(), [self.eval_ids[i] for i in mine], check,
+                                     d.probe_cuts, self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                                     temperature=self.cfg.rollout.temperature,
+                                     reduce=lambda xs: dist.all_reduce(xs).tolist(),
+                                     share=dist.broadcast_in_tp_group)
         self.log.log(self.step, res, kind="probe")
         adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
         self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")

@@ -77,7 +77,8 @@ def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
 
 
 def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer, bucket_width: int,
-                 num_buckets: int, correction=None, cap: float = 0.0) -> Tuple[Dict[str, float], Dict[str, list]]:
+                 num_buckets: int, correction=None, cap: float = 0.0,
+                 no_answer=None) -> Tuple[Dict[str, float], Dict[str, list]]:
     """(metrics, per-position profile). Sums and counts are all-reduced, so every rank returns the global
     values. The profile holds the mean of each PROFILED diagnostic per response-position bucket (NaN where a
     bucket is empty) and the token count per bucket."""
@@ -92,6 +93,8 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     add("train_accuracy", sum(graded), len(graded))
     add("response_length", sum(len(r.response_ids) for r in rollouts), len(rollouts))
     add("truncated_fraction", sum(not r.finished for r in rollouts), len(rollouts))
+    if no_answer is not None:  # responses where data.answer_extraction found no answer at all
+        add("no_answer_fraction", sum(no_answer), len(no_answer))
     for mb, sc, st in zip(mbs, scored, sets):
         if mb is None:
             continue

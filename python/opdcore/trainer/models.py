@@ -107,6 +107,14 @@ class OPDModel(nn.Module):
             return self._from_logits(logits, mode, **kw)
         h = self._hidden(input_ids, attention_mask, pred_index)
         w = self.hf.get_output_embeddings().weight[:self.vocab]
+        device = h.device.type
+        if torch.is_autocast_enabled(device):  # the LM head in the autocast dtype, through opdcore's kernels as is
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self._fused(h.to(dtype), w.to(dtype), mode, **kw)
+        return self._fused(h, w, mode, **kw)
+
+    def _fused(self, h, w, mode, **kw):
         if mode == "head":
             # FSDP frees the gathered LM head when forward returns: a sharded model hands over its logits instead
             return (h @ w.T, None) if _is_fsdp(self) else (h, w)
