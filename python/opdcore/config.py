@@ -47,7 +47,9 @@ class RolloutConfig:
     # hf under FSDP: false generates with a full replica of the student synced after every step; true with the
     # sharded student itself, its parameters gathered once per generate call (no second copy of the model)
     hf_generate_sharded: bool = False
-    vllm_gpu_memory_utilization: float = 0.4
+    # the share of GPU memory vLLM reserves (weights + KV cache); on the CPU build, of host memory. null: 0.4 on a
+    # GPU, 0.15 on the CPU (0.4 there would hold 40% of RAM for a KV cache a small model never fills)
+    vllm_gpu_memory_utilization: Optional[float] = None
     vllm_enforce_eager: bool = True
 
 
@@ -169,7 +171,7 @@ RANGES = [
     ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.batch_size", lambda v: v >= 1, ">= 1"),
-    ("rollout.vllm_gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("rollout.vllm_gpu_memory_utilization", lambda v: v is None or 0 < v <= 1, "in (0, 1] (null: automatic)"),
     ("data.max_prompt_tokens", lambda v: v >= 1, ">= 1"),
     ("loss.topk", lambda v: v >= 0, ">= 0 (0: sampled-token)"),
     ("loss.log_ratio_clip", lambda v: v >= 0, ">= 0"),

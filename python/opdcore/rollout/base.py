@@ -42,6 +42,20 @@ class RolloutEngine(abc.ABC):
         pass
 
 
+def stop_token_ids(tokenizer, generation_config=None) -> List[int]:
+    """The ids that end a response: the tokenizer's eos and every eos id of the model's generation config (chat
+    models such as Gemma and Phi-3 end a turn on a token other than the tokenizer's eos)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    for i in ([] if extra is None else [extra] if isinstance(extra, int) else list(extra)):
+        if i not in ids:
+            ids.append(int(i))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config names an eos token: responses "
+                         "would never end")
+    return ids
+
+
 def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
     """Build the engine named by rollout.engine. `model` is the student (hf) or its saved directory (vllm)."""
     if name == "hf":

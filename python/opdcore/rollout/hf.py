@@ -8,7 +8,7 @@ import torch.distributed as dist
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
-from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig
+from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig, stop_token_ids
 
 
 class _RecordLogprobs(LogitsProcessor):
@@ -67,6 +67,7 @@ class HFEngine(RolloutEngine):
         self.shares_training_model = shares_training_model
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set one (for example tokenizer.pad_token = eos)")
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     @torch.no_grad()
     def generate(self, prompts: List[List[int]], sampling: SamplingConfig) -> List[Rollout]:
@@ -90,7 +91,7 @@ class HFEngine(RolloutEngine):
 
     def _generate_batch(self, items, sampling: SamplingConfig) -> List[Rollout]:
         tok = self.tokenizer
-        pad, eos = tok.pad_token_id, tok.eos_token_id
+        pad, stops = tok.pad_token_id, self.stop_ids
         width = max(len(p) for _, p in items)
         device = next(self.model.parameters()).device
         ids = torch.full((len(items), width), pad, dtype=torch.long)
@@ -111,7 +112,7 @@ class HFEngine(RolloutEngine):
         processors.append(recorder)
         # temperature 1 / top-p 1 / top-k 0 keep generate from adding warpers of its own
         config = GenerationConfig(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, temperature=1.0,
-                                  top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos, bos_token_id=tok.bos_token_id)
+                                  top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=stops, bos_token_id=tok.bos_token_id)
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                   logits_processor=processors, synced_gpus=self.synced and dist.is_initialized())
         new = gen[:, width:].cpu()
@@ -119,8 +120,9 @@ class HFEngine(RolloutEngine):
         rollouts = []
         for row, (i, p) in enumerate(items):
             toks = new[row].tolist()
-            finished = eos in toks
-            length = toks.index(eos) + 1 if finished else len(toks)
+            end = next((j for j, t in enumerate(toks) if t in stops), None)
+            finished = end is not None
+            length = end + 1 if finished else len(toks)
             rollouts.append(Rollout(i, list(p), toks[:length], logprobs[row, :length].tolist(), finished))
         return rollouts
 

@@ -24,6 +24,32 @@ from opdcore.trainer.models import (GenerateThroughRoot, OPDModel, full_state_di
 from opdcore.trainer.schedule import make_scheduler
 
 
+# settings a run may change when it resumes: how long, where and how it logs, evaluates and parallelises; every
+# other setting (models, data, loss, optimizer, sampling, batch) defines the run, so a resume must keep it
+RESUMABLE = ("train.steps", "train.output_dir", "train.resume", "train.save_every", "train.keep_checkpoints",
+             "train.log_every", "train.threads", "train.tensor_parallel", "train.progress", "train.tensorboard",
+             "train.micro_batch_tokens", "rollout.engine", "rollout.batch_size", "rollout.hf_generate_sharded",
+             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_enforce_eager", "eval.", "diagnostics.")
+
+
+def changed_settings(saved, current) -> list:
+    """(key, saved value, current value) of every run-defining setting that differs between a checkpoint's
+    config and this run's (both as to_dict trees; a checkpoint without one compares as unchanged)."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for section, values in current.items():
+        for key, now in values.items():
+            name = f"{section}.{key}"
+            if any(name == r or (r.endswith(".") and name.startswith(r)) for r in RESUMABLE):
+                continue
+            then = saved.get(section, {}).get(key, now)
+            if (list(then) if isinstance(then, (list, tuple)) else then) != \
+                    (list(now) if isinstance(now, (list, tuple)) else now):
+                out.append((name, then, now))
+    return out
+
+
 def _threads(cfg: Config) -> int:
     n = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world())
     torch.set_num_threads(n)
@@ -124,7 +150,8 @@ class Trainer:
             from opdcore.rollout.vllm_engine import VLLMEngine
 
             self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
-                                     gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                                     gpu_memory_utilization=r.vllm_gpu_memory_utilization or (
+                                         0.4 if self.device.type == "cuda" else 0.15),
                                      enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed)
         elif self.sharded and r.hf_generate_sharded:  # every forward is a collective: generate in lockstep
             self.engine = HFEngine(GenerateThroughRoot(self.student, gather_once=True), self.tokenizer,
@@ -186,6 +213,12 @@ class Trainer:
         if path is None:
             return
         state = checkpoint.load(path)
+        changed = changed_settings(state.get("config"), to_dict(self.cfg))
+        if changed:
+            raise ValueError(f"train.resume: the checkpoint {path} was written by a run with other settings ("
+                             + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed)
+                             + "); restore them to continue that run, or start a new one in another "
+                             "train.output_dir (train.resume=never)")
         if "model" in state:  # a single-process checkpoint of opdcore <= 0.1: model and optimizer in trainer.pt
             if self.sharded:
                 raise ValueError(f"checkpoint {path} holds an unsharded model of an older opdcore: resume it in "
@@ -401,7 +434,8 @@ class Trainer:
         d = self.cfg.diagnostics
         if not (d.probe_every and self.eval_ids):
             return
-        mine = list(range(dist.dp_rank(), min(d.probe_prompts, len(self.eval_ids)), dist.dp_world()))
+        answered = [i for i, e in enumerate(self.eval_prompts) if e.answer is not None][:d.probe_prompts]
+        mine = answered[dist.dp_rank()::dist.dp_world()]  # the probe compares accuracies: prompts with answers
 
         def check(i, response_ids):
             text = self.tokenizer.decode(response_ids, skip_special_tokens=True)

@@ -310,6 +310,10 @@ class GenerateThroughRoot:
     def get_output_embeddings(self):
         return self.model.hf.get_output_embeddings()
 
+    @property
+    def generation_config(self):
+        return self.model.hf.generation_config
+
     def generate(self, input_ids, attention_mask, **kw):
         return self.model(input_ids, attention_mask, None, "generate", gather_once=self.gather_once, **kw)
 
