@@ -76,6 +76,14 @@ def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
             "p_minus_q_at_largest_reward": big[1]}
 
 
+def _peak_rss_mib() -> float:
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer, bucket_width: int,
                  num_buckets: int, correction=None, cap: float = 0.0,
                  no_answer=None) -> Tuple[Dict[str, float], Dict[str, list]]:
@@ -93,6 +101,7 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     add("train_accuracy", sum(graded), len(graded))
     add("response_length", sum(len(r.response_ids) for r in rollouts), len(rollouts))
     add("truncated_fraction", sum(not r.finished for r in rollouts), len(rollouts))
+    add("peak_rss_mib", _peak_rss_mib(), 1)  # this process's resident high-water mark (mean over ranks)
     if no_answer is not None:  # responses where data.answer_extraction found no answer at all
         add("no_answer_fraction", sum(no_answer), len(no_answer))
     for mb, sc, st in zip(mbs, scored, sets):

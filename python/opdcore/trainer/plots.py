@@ -16,6 +16,9 @@ PANELS = [
     ("overlap mass (p, q on S ∩ T)", "train", ("overlap_mass_student", "overlap_mass_teacher")),
     ("overlap-token advantage", "train", ("overlap_advantage",)),
     ("entropy gap |H(q) - H(p)|", "train", ("entropy_gap",)),
+    # beside the gap: a gap that narrows because the student's entropy rises is a failing run, not a success
+    ("entropy H(p), H(q)", "train", ("student_entropy", "teacher_entropy")),
+    ("responses cut off / without an answer", "train", ("truncated_fraction", "no_answer_fraction")),
     ("sampled-token reward log q - log p", "train", ("sampled_token_reward",)),
     ("reward AUROC (correct vs incorrect)", "train", ("reward_auroc",)),
     # training health (METHOD.md 3): the update's size, the token that dominates it, the PPO clipping
@@ -53,7 +56,10 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
     rows = _read(os.path.join(out_dir, "metrics.jsonl"))
     if plt is None or not rows:
         return None
-    fig, axes = plt.subplots(4, 3, figsize=(14, 12.5))
+    nrows = -(-len(PANELS) // 3)
+    fig, axes = plt.subplots(nrows, 3, figsize=(14, 3.1 * nrows))
+    for ax in axes.flat[len(PANELS):]:
+        ax.axis("off")
     for ax, (title, kind, keys) in zip(axes.flat, PANELS):
         sel = [r for r in rows if r["kind"] == kind]
         if keys is None:  # the eval accuracy key names its n (accuracy_avg@n)
