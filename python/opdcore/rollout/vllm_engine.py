@@ -24,10 +24,12 @@ from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig, stop_to
 
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_dir: str, tokenizer, vocab_limit: int = 0, gpu_memory_utilization: float = 0.4,
-                 enforce_eager: bool = True, dtype: str = "float32", seed: int = 0, max_model_len: int = 0):
+                 enforce_eager: bool = True, dtype: str = "float32", seed: int = 0, max_model_len: int = 0,
+                 in_process: bool = True):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the training log
         # the engine core in this process: weight sync by reference, and no second Python process to hold memory
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # (an explicit VLLM_ENABLE_V1_MULTIPROCESSING wins)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else "1")
         self.in_process = os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
         # each reload warns that a tied LM head and the rotary embedding "failed to load weights" (they have none
         # of their own; refresh_tied_lm_head handles the head): not worth a line per training step

@@ -10,7 +10,7 @@ import torch
 from opdcore.config import Config, several_updates, to_dict
 from opdcore.data.presets import PRESETS, prepare_preset
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
-from opdcore.data.reward import AnswerChecker
+from opdcore.data.reward import AnswerChecker, answers_match
 from opdcore.metrics import gap_recovery
 from opdcore.parallel.tensor_parallel import parallelize
 from opdcore.rollout import SamplingConfig
@@ -152,7 +152,9 @@ class Trainer:
             self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
                                      gpu_memory_utilization=r.vllm_gpu_memory_utilization or (
                                          0.4 if self.device.type == "cuda" else 0.15),
-                                     enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed)
+                                     enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed,
+                                     # under torchrun vLLM's own (world size 1) process group lives apart
+                                     in_process=dist.world() == 1)
         elif self.sharded and r.hf_generate_sharded:  # every forward is a collective: generate in lockstep
             self.engine = HFEngine(GenerateThroughRoot(self.student, gather_once=True), self.tokenizer,
                                    batch_size=r.batch_size, shares_training_model=True, vocab_limit=self.vocab,
@@ -325,9 +327,10 @@ class Trainer:
     def _grade(self, rollouts, answers):
         """(correct, no_answer) per rollout: 1/0 against its gold answer (NaN where the prompt has none), and
         whether data.answer_extraction found any answer in the response."""
-        texts = [self.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in rollouts]
-        correct = [self.checker(t, a) if a is not None else float("nan") for t, a in zip(texts, answers)]
-        return correct, [self.checker.extract(t) is None for t in texts]
+        preds = [self.checker.extract(self.tokenizer.decode(r.response_ids, skip_special_tokens=True))
+                 for r in rollouts]
+        correct = [float(answers_match(p, a)) if a is not None else float("nan") for p, a in zip(preds, answers)]
+        return correct, [p is None for p in preds]
 
     def evaluate(self, engine=None, split=None) -> Dict[str, float]:
         """Held-out accuracy of the student (or of the model behind `engine`); this rank evaluates the prompts
