@@ -180,7 +180,9 @@ def _word_problem_files(root, n_train=8, n_eval=4, unanswered=1):
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_real_model_end_to_end(smollm2, tmp_path, engine):
     """The README's "Training on your models" path on a real chat model (its tokenizer, chat template, tied
-    embeddings, eos <|im_end|>): two steps with tiny budgets, the final student reloads in transformers."""
+    embeddings, eos <|im_end|>), two steps with tiny budgets. hf: float32 weights under bfloat16 autocast.
+    vllm: the README command's settings (bfloat16 weights, chat_template_kwargs, top-16 student set), resumed
+    from its bfloat16 checkpoint for a third step; the final student loads in transformers and in vLLM."""
     import subprocess
     import sys
 
@@ -192,26 +194,54 @@ def test_real_model_end_to_end(smollm2, tmp_path, engine):
     args = [f"model.student={d}", f"model.teacher={d}", f"data.train_path={files['train']}",
             f"data.eval_path={files['eval']}", "data.answer_extraction=marked_or_last_number",
             f"rollout.engine={engine}", "rollout.n=2", "rollout.max_new_tokens=6", "train.prompts_per_step=2",
-            "train.steps=2", "train.save_every=0", f"train.output_dir={out}", "train.progress=false",
+            "train.steps=2", "train.save_every=2", f"train.output_dir={out}", "train.progress=false",
             "train.tensorboard=false", "eval.every=0", "optim.lr=1e-5", "diagnostics.eval_teacher=false",
-            "rollout.vllm_gpu_memory_utilization=0.15"]
+            "rollout.vllm_gpu_memory_utilization=0.15", "eval.save_samples=2"]
     if engine == "hf":
         args.append("model.autocast=bfloat16")
+    else:
+        args += ["model.dtype=bfloat16", "data.chat_template_kwargs={enable_thinking: false}", "loss.topk=16",
+                 "loss.strategy=student"]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(repo, "examples", "train.py"), *args], capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+
+    def train(*extra):
+        r = subprocess.run([sys.executable, os.path.join(repo, "examples", "train.py"), *args, *extra],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    train()
+    if engine == "vllm":  # a bfloat16 checkpoint reloaded: the run continues from step 2
+        r = train("train.steps=3")
+        assert "resumed from" in r.stdout + r.stderr
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    train = [m for m in rows if m["kind"] == "train"]
-    assert [m["step"] for m in train] == [1, 2]
-    assert all(0 <= m["no_answer_fraction"] <= 1 and m["overlap_ratio"] > 0 for m in train)
+    train_rows = [m for m in rows if m["kind"] == "train"]
+    assert [m["step"] for m in train_rows] == ([1, 2] if engine == "hf" else [1, 2, 3])
+    assert all(0 <= m["no_answer_fraction"] <= 1 and m["overlap_ratio"] > 0 for m in train_rows)
     evals = [m for m in rows if m["kind"] == "eval" and "eval_responses" in m]
     assert evals and all(m["eval_responses"] == 3 and m["eval_unscored_responses"] == 1 for m in evals)
+    sample = json.loads(open(out / "samples" / "step_000002.jsonl").readline())
+    assert sample["prompt"].startswith("<|im_start|>") and len(sample["tokens"]) == len(sample["teacher_logprobs"])
     from transformers import AutoModelForCausalLM
 
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert final.config.tie_word_embeddings and final.lm_head.weight.data_ptr() == \
         final.model.embed_tokens.weight.data_ptr()
+    assert final.dtype == (torch.float32 if engine == "hf" else torch.bfloat16)
+    if engine == "vllm":  # vLLM serves the final student as it is
+        from opdcore.rollout import SamplingConfig
+        from opdcore.rollout.vllm_engine import VLLMEngine
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(out / "final")
+        engine_ = VLLMEngine(str(out / "final"), tok, gpu_memory_utilization=0.15, dtype="bfloat16")
+        try:
+            prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+            (r,) = engine_.generate([prompt], SamplingConfig(n=1, temperature=0.0, max_new_tokens=8))
+            assert len(r.response_ids) > 0
+        finally:
+            engine_.close()
 
 
 @needs_smollm2

@@ -36,9 +36,12 @@ def run(args, **kw):
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
 
 
-def metrics(out_dir, kind="train"):
+def metrics(out_dir, kind="train", memory=True):
+    """One kind of rows of a run's metrics.jsonl; memory=False drops the resident-memory readings (measured, so
+    they differ between runs that compute the same)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
+        rows = [r for r in map(json.loads, f) if r["kind"] == kind]
+    return rows if memory else [{k: v for k, v in r.items() if not k.startswith("rss_")} for r in rows]
 
 
 @pytest.mark.parametrize("extra", [
@@ -82,7 +85,7 @@ def test_single_process_run(tiny, tmp_path, extra):
                for p, m in zip(prof, rows))  # 4 prompts x 2 responses per step
     if extra.get("diagnostics.probe_every"):  # the continuation probe: before, at step 2, after
         probes = metrics(out, "probe")
-        assert [p["step"] for p in probes] == [0, 2, 3] and all(len(p) == 2 + 3 * 4 for p in probes)
+        assert [p["step"] for p in probes] == [0, 2, 3] and all(len(p) == 2 + 3 * 4 + 1 for p in probes)  # + rss
     assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "positions.png")
     assert os.path.isdir(out / "tensorboard")
     if "train.update_epochs" in extra:  # PPO surrogates: 2 epochs x 2 mini-batches per batch, clip statistics
@@ -175,7 +178,7 @@ def test_torchrun_generating_with_the_sharded_student_matches_the_replica(tiny, 
         torchrun(tiny, out, 2, port, **{"train.steps": 2, "rollout.hf_generate_sharded": flag,
                                         "diagnostics.probe_every": 1})
     for kind in ("train", "eval", "probe"):
-        a, b = metrics(replica, kind), metrics(sharded, kind)
+        a, b = metrics(replica, kind, memory=False), metrics(sharded, kind, memory=False)
         assert len(a) == len(b) > 0
         for x, y in zip(a, b):
             for key in (DETERMINISTIC if kind == "train" else x):
@@ -262,7 +265,7 @@ def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
              **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
     _same_run(one, tp, "tensor-parallel")
     for kind in ("eval", "probe"):
-        assert metrics(one, kind) == metrics(tp, kind), kind
+        assert metrics(one, kind, memory=False) == metrics(tp, kind, memory=False), kind
     assert os.path.isfile(tp / "final" / "model.safetensors")
 
 
@@ -273,3 +276,52 @@ def test_torchrun_2d_matches_data_parallel(tiny, tmp_path):
     torchrun(tiny, dp, 2, 29551, **{"train.steps": 2, "model.teacher_sharding": "fsdp"})
     torchrun(tiny, both, 4, 29552, **{"train.steps": 2, "model.teacher_sharding": "fsdp", "train.tensor_parallel": 2})
     _same_run(dp, both, "2-D")
+
+
+def test_prompts_beyond_the_context_and_the_micro_batch_budget_are_caught_up_front(tiny, tmp_path):
+    """A prompt whose response could run past the models' context (256 positions) is dropped and counted; a
+    micro-batch budget below the longest possible sequence, or no prompt left, fails before any step."""
+    rows = [json.loads(line) for line in open(tiny["train"])]
+    train = tmp_path / "train.jsonl"
+    with open(train, "w") as f:
+        for r in rows + [{"prompt": "1+" * 130 + "1=", "answer": "131"}]:
+            f.write(json.dumps(r) + "\n")
+    out = tmp_path / "run"
+    r = run(overrides(tiny, out, **{"data.train_path": train, "train.steps": 1, "train.save_every": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{len(rows)} train prompts (0 over data.max_prompt_tokens, 1 too long for the context of 256" in r.stdout
+    r = run(overrides(tiny, tmp_path / "b", **{"train.micro_batch_tokens": 16}))
+    assert r.returncode != 0 and "train.micro_batch_tokens=16 is below the longest possible training sequence" \
+        in r.stderr and not (tmp_path / "b" / "metrics.jsonl").exists()
+    r = run(overrides(tiny, tmp_path / "c", **{"rollout.max_new_tokens": 250, "train.micro_batch_tokens": 512}))
+    assert r.returncode != 0 and "too long for the models' context of 256 tokens" in r.stderr
+
+
+def test_eval_samples_hold_per_token_log_probs(tiny, tmp_path):
+    """eval.save_samples: readable responses at every eval with the student's and teacher's per-token log-probs,
+    which match a plain forward of the final student."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    r = run(overrides(tiny, out, **{"train.steps": 2, "eval.every": 1, "eval.save_samples": 3,
+                                    "train.save_every": 0}))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out / "samples")) == [f"step_{s:06d}.jsonl" for s in (0, 1, 2)]
+    rows = [json.loads(line) for line in open(out / "samples" / "step_000002.jsonl")]
+    assert len(rows) == 3
+    student = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    for row in rows:
+        n = len(row["tokens"])
+        assert n == len(row["student_logprobs"]) == len(row["teacher_logprobs"]) == len(row["token_rewards"]) > 0
+        assert row["reward"] in (0.0, 1.0) and row["prompt"] and "answer" in row
+        for s, t, rew in zip(row["student_logprobs"], row["teacher_logprobs"], row["token_rewards"]):
+            assert s <= 0 and t <= 0 and abs(rew - (t - s)) < 2e-4
+        # the last eval's student is the saved final one: its log-probs are a plain forward's
+        prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + tok.convert_tokens_to_ids(row["tokens"])])
+        with torch.no_grad():
+            lp = torch.log_softmax(student(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+        want = lp.gather(1, ids[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(row["student_logprobs"]), want, atol=1e-3, rtol=0)

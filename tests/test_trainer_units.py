@@ -315,3 +315,27 @@ def test_resume_refuses_changed_run_settings():
     assert changed_settings(None, to_dict(now)) == []  # a checkpoint without a config
     older = {k: {kk: vv for kk, vv in v.items() if kk != "autocast"} for k, v in saved.items()}
     assert changed_settings(older, to_dict(Config())) == []  # settings added since compare as unchanged
+
+
+def test_update_leaves_no_stale_autocast_copies():
+    """An update inside a bfloat16 autocast block: a forward after the optimizer step must see the new weights,
+    not the bfloat16 copies autocast cached before it."""
+    from opdcore.config import load_config
+
+    cfg = load_config(None, ("loss.topk=6", "model.autocast=bfloat16", "optim.lr=0.5"))
+    student, teacher, mbs = _tiny_student_batch()
+    params = list(student.parameters())
+    opt = torch.optim.SGD(params, lr=0.5)
+    mb = mbs[0]
+
+    def hidden():
+        return student.hf.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sc = S.score(student, teacher, mb, cfg)
+        hidden()  # caches bfloat16 copies of the weights
+        S.update(student, opt, mbs, [S.token_set(sc, mb, cfg)], [torch.full((mb.num_tokens,), 0.1)], cfg, params)
+        after = hidden()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fresh = hidden()
+    torch.testing.assert_close(after, fresh, rtol=0, atol=0)

@@ -31,7 +31,10 @@ class ModelConfig:
     # bfloat16: float32 weights (and optimizer state) with rollouts, scoring and the update under bfloat16
     # autocast; 2.5-5x faster matmuls where the CPU has AVX-512-BF16 or AMX, or on a GPU
     autocast: str = "none"
-    gradient_checkpointing: bool = False
+    # same | float32 | bfloat16: the teacher is never trained, so bfloat16 storage halves its memory; under
+    # bfloat16 autocast its matmuls run in bfloat16 either way (its residual stream then does too)
+    teacher_dtype: str = "same"
+    gradient_checkpointing: bool = False  # recompute each layer in the backward: activations of one layer at a time
     teacher_sharding: str = "replicate"  # replicate | fsdp (with world size > 1)
     trust_remote_code: bool = False
 
@@ -50,6 +53,10 @@ class RolloutConfig:
     # the share of GPU memory vLLM reserves (weights + KV cache); on the CPU build, of host memory. null: 0.4 on a
     # GPU, 0.15 on the CPU (0.4 there would hold 40% of RAM for a KV cache a small model never fills)
     vllm_gpu_memory_utilization: Optional[float] = None
+    # vLLM's KV cache in GiB, instead of a share of memory (on the CPU a small model needs far less than 0.15 of
+    # RAM: 32 responses of 100 tokens of SmolLM2-135M fill 0.15 GiB); vLLM's context is then capped at the
+    # longest prompt plus max_new_tokens, so the cache need hold only one such sequence at least
+    vllm_kv_cache_gib: Optional[float] = None
     vllm_enforce_eager: bool = True
 
 
@@ -128,6 +135,8 @@ class EvalConfig:
     n: int = 1  # avg@n
     temperature: float = 0.0  # 0: greedy
     max_new_tokens: int = 0  # 0: rollout.max_new_tokens
+    # responses saved at every eval with per-token student / teacher log-probs (samples/step_N.jsonl); 0: none
+    save_samples: int = 8
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Config:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.autocast": ("none", "bfloat16"),
+    "model.teacher_dtype": ("same", "float32", "bfloat16"),
     "model.teacher_sharding": ("replicate", "fsdp"),
     "rollout.engine": ("hf", "vllm"),
     "data.answer_extraction": EXTRACTIONS,
@@ -172,6 +182,7 @@ RANGES = [
     ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.batch_size", lambda v: v >= 1, ">= 1"),
     ("rollout.vllm_gpu_memory_utilization", lambda v: v is None or 0 < v <= 1, "in (0, 1] (null: automatic)"),
+    ("rollout.vllm_kv_cache_gib", lambda v: v is None or 0 < v < float("inf"), "> 0 (null: a share of memory)"),
     ("data.max_prompt_tokens", lambda v: v >= 1, ">= 1"),
     ("loss.topk", lambda v: v >= 0, ">= 0 (0: sampled-token)"),
     ("loss.log_ratio_clip", lambda v: v >= 0, ">= 0"),
@@ -203,6 +214,7 @@ RANGES = [
     ("eval.n", lambda v: v >= 1, ">= 1"),
     ("eval.temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
     ("eval.max_new_tokens", lambda v: v >= 0, ">= 0"),
+    ("eval.save_samples", lambda v: v >= 0, ">= 0"),
     ("diagnostics.position_buckets", lambda v: v >= 1, ">= 1"),
     ("diagnostics.probe_every", lambda v: v >= 0, ">= 0 (0: off)"),
     ("diagnostics.probe_prompts", lambda v: v >= 1, ">= 1"),

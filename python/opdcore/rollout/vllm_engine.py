@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig, stop_to
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_dir: str, tokenizer, vocab_limit: int = 0, gpu_memory_utilization: float = 0.4,
                  enforce_eager: bool = True, dtype: str = "float32", seed: int = 0, max_model_len: int = 0,
-                 in_process: bool = True):
+                 in_process: bool = True, kv_cache_gib: Optional[float] = None):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # its per-request INFO lines drown the training log
         # the engine core in this process: weight sync by reference, and no second Python process to hold memory
         # (an explicit VLLM_ENABLE_V1_MULTIPROCESSING wins)
@@ -44,6 +44,8 @@ class VLLMEngine(RolloutEngine):
                       worker_extension_cls="opdcore.rollout.vllm_worker.WeightSyncExtension")
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if kv_cache_gib:  # a fixed KV cache size instead of the memory share
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2 ** 30)
         self.llm = LLM(**kwargs)
         self.sync_dir = None
         if not self.in_process:  # weights travel through a file: in RAM where the system has a tmpfs

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Dict
+import warnings
+from typing import Dict, Optional
 
 import torch
 
@@ -18,6 +19,7 @@ from opdcore.rollout.hf import HFEngine
 from opdcore.trainer import checkpoint, dist, metrics as M
 from opdcore.trainer import microbatch, step as S
 from opdcore.trainer.logger import MetricsLogger
+from opdcore.trainer.memory import phase_peak
 from opdcore.trainer.probe import continuation_probe
 from opdcore.trainer.models import (GenerateThroughRoot, OPDModel, full_state_dict, load_causal_lm, load_tokenizer,
                                     shard, vocab_limit)
@@ -82,8 +84,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + dist.dp_rank())  # tensor-parallel peers draw the same numbers
         self.out = cfg.train.output_dir
         paths = self._resolve_paths()
-        self._load_models(paths)
-        self._load_data(paths)
+        self.load_peak: Dict[str, float] = {}  # resident memory while loading (MiB), said in the start message
+        with phase_peak(self.load_peak, "models"):
+            self._load_models(paths)
+            self._load_data(paths)
+        with phase_peak(self.load_peak, "engine"):
+            self._make_engine(paths)
         self.checker = AnswerChecker(cfg.data.answer_extraction, cfg.data.answer_regex)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         o = cfg.optim
@@ -118,18 +124,22 @@ class Trainer:
         teacher_tok = load_tokenizer(paths["teacher"] if m.teacher != "synthetic" else paths["tokenizer"],
                                      m.trust_remote_code)
         student_hf = load_causal_lm(paths["student"], m.dtype, self.device, m.trust_remote_code)
-        teacher_hf = load_causal_lm(paths["teacher"], m.dtype, self.device, m.trust_remote_code)
+        teacher_hf = load_causal_lm(paths["teacher"], m.dtype if m.teacher_dtype == "same" else m.teacher_dtype,
+                                    self.device, m.trust_remote_code)
         self.vocab = vocab_limit(student_hf, teacher_hf, self.tokenizer, teacher_tok)
         teacher_hf.requires_grad_(False).eval()
         if m.gradient_checkpointing:
-            student_hf.gradient_checkpointing_enable()
+            # reentrant: the forward keeps only each layer's input (measured on SmolLM2-135M, 3360 tokens, bf16
+            # autocast: 0.37 GB held after the forward against 0.81 GB non-reentrant, 3.8 GB without); it needs
+            # an input that requires grad, which frozen embeddings would not give
+            student_hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            student_hf.enable_input_require_grads()
         student_hf.train()
         self.sharded = dist.world() > 1
         # rollouts: the training model itself in one process; under FSDP a plain replica synced after each step,
         # or (rollout.hf_generate_sharded) the sharded student itself
         replica = self.sharded and not self.cfg.rollout.hf_generate_sharded and self.cfg.rollout.engine == "hf"
-        engine_model = copy.deepcopy(student_hf).eval() if replica else student_hf
-        self.replica = engine_model if replica else None
+        self.replica = copy.deepcopy(student_hf).eval() if replica else None
         if self.mesh is not None:  # tensor parallelism: both models, the LM heads by vocabulary shards
             rows = [hf.get_output_embeddings().weight.shape[0] for hf in (student_hf, teacher_hf)]
             if self.cfg.loss.dense != "none" and rows[0] != rows[1]:
@@ -145,13 +155,20 @@ class Trainer:
             shard(self.student, dp_mesh)
             if m.teacher_sharding == "fsdp":
                 shard(self.teacher, dp_mesh)
-        r = self.cfg.rollout
+
+    def _make_engine(self, paths: Dict[str, str]) -> None:
+        r, m = self.cfg.rollout, self.cfg.model
         if r.engine == "vllm":
             from opdcore.rollout.vllm_engine import VLLMEngine
 
+            # the continuation probe extends a response prefix by up to max_new_tokens more
+            longest = max(len(x) for x in self.train_ids + self.eval_ids) + 2 * max(
+                r.max_new_tokens, self.cfg.eval.max_new_tokens)
             self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
                                      gpu_memory_utilization=r.vllm_gpu_memory_utilization or (
                                          0.4 if self.device.type == "cuda" else 0.15),
+                                     kv_cache_gib=r.vllm_kv_cache_gib,
+                                     max_model_len=longest if r.vllm_kv_cache_gib else 0,
                                      enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed,
                                      # under torchrun vLLM's own (world size 1) process group lives apart
                                      in_process=dist.world() == 1)
@@ -160,23 +177,36 @@ class Trainer:
                                    batch_size=r.batch_size, shares_training_model=True, vocab_limit=self.vocab,
                                    synced=True)
         else:
-            self.engine = HFEngine(engine_model, self.tokenizer, batch_size=r.batch_size,
+            self.engine = HFEngine(self.replica if self.replica is not None else self.student.hf, self.tokenizer,
+                                   batch_size=r.batch_size,
                                    shares_training_model=not self.sharded, vocab_limit=self.vocab)
 
-    def _load_data(self, paths: Dict[str, str]) -> None:
-        d = self.cfg.data
+    def _context(self) -> Optional[int]:
+        """The shorter of the two models' context lengths (None where a config does not say)."""
+        limits = [getattr(m.hf.config, "max_position_embeddings", None) for m in (self.student, self.teacher)]
+        limits = [n for n in limits if isinstance(n, int) and n > 0]
+        return min(limits) if limits else None
 
-        def load(path):
+    def _load_data(self, paths: Dict[str, str]) -> None:
+        d, context = self.cfg.data, self._context()
+        new_tokens = self.cfg.rollout.max_new_tokens
+
+        def load(path, max_new):
             examples = load_prompts(path, prompt_key=d.prompt_key, answer_key=d.answer_key)
             ids = [render_prompt(self.tokenizer, e, d.chat_template_kwargs, d.chat_template) for e in examples]
-            kept, dropped = filter_long(ids, d.max_prompt_tokens)
-            return [examples[i] for i in kept], [ids[i] for i in kept], dropped
+            kept, too_long = filter_long(ids, d.max_prompt_tokens)
+            # a prompt whose response could run past the context would be scored on positions the models never
+            # saw (or crash them): dropped and counted
+            beyond = [i for i in kept if context is not None and len(ids[i]) + max_new > context]
+            kept = [i for i in kept if i not in set(beyond)]
+            return [examples[i] for i in kept], [ids[i] for i in kept], (too_long, len(beyond))
 
-        self.train_prompts, self.train_ids, dropped = load(paths["train"])
+        self.train_prompts, self.train_ids, (too_long, beyond) = load(paths["train"], new_tokens)
         if not self.train_prompts:
-            raise ValueError(f"no training prompts left in {paths['train']} after dropping {dropped} longer than "
-                             f"data.max_prompt_tokens={d.max_prompt_tokens}")
-        self.dropped_prompts = dropped
+            raise ValueError(f"no training prompts left in {paths['train']}: {too_long} longer than "
+                             f"data.max_prompt_tokens={d.max_prompt_tokens}, {beyond} too long for the models' "
+                             f"context of {context} tokens with rollout.max_new_tokens={new_tokens}")
+        self.dropped_prompts = (too_long, beyond, context)
         if self.cfg.loss.outcome_weight > 0:
             missing = [e.index for e in self.train_prompts if e.answer is None]
             if missing:
@@ -184,9 +214,16 @@ class Trainer:
                                  f"{len(missing)} in {paths['train']} have none (first row {missing[0]})")
         self.eval_prompts, self.eval_ids = [], []
         if paths["eval"]:
-            self.eval_prompts, self.eval_ids, _ = load(paths["eval"])
+            self.eval_prompts, self.eval_ids, _ = load(paths["eval"], self.cfg.eval.max_new_tokens or new_tokens)
             n = self.cfg.eval.max_prompts
             self.eval_prompts, self.eval_ids = self.eval_prompts[:n], self.eval_ids[:n]
+        # every training sequence must fit one micro-batch: say so now, not at the step that samples the longest
+        longest = max(len(x) for x in self.train_ids) + new_tokens
+        if self.cfg.train.micro_batch_tokens < longest:
+            raise ValueError(f"train.micro_batch_tokens={self.cfg.train.micro_batch_tokens} is below the longest "
+                             f"possible training sequence: the longest prompt ({longest - new_tokens} tokens) plus "
+                             f"rollout.max_new_tokens={new_tokens} = {longest}; raise it to at least {longest}, or "
+                             f"lower data.max_prompt_tokens or rollout.max_new_tokens")
 
     # ---- checkpoint / resume -------------------------------------------------------------------------------------
 
@@ -202,7 +239,9 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
+        with warnings.catch_warnings():  # one process: no process group, as intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
 
     def save(self) -> str:
         return checkpoint.save(os.path.join(self.out, "checkpoints"), self.step, self._state(),
@@ -233,7 +272,9 @@ class Trainer:
 
             model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
             shards = {"model": model_sd, "optimizer": optim_sd}
-            dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
             set_state_dict(self.student, self.optimizer, model_state_dict=shards["model"],
                            optim_state_dict=shards["optimizer"])
         self.sync_engine()
@@ -263,25 +304,20 @@ class Trainer:
         return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
     def compute(self):
-        """The autocast context of every model computation (model.autocast)."""
-        on = self.cfg.model.autocast != "none"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on)
+        """The autocast context of the no-grad model computations: rollouts, scoring, evaluation, the probe
+        (the update's forward has its own, S.update)."""
+        return S.autocast(self.cfg, self.device)
 
     def train_step(self) -> Dict[str, float]:
-        with self.compute():
-            return self._train_step()
-
-    def _train_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, M.Timer()
         idx = next(self.sampler)
-        with timer("rollout"):  # tensor-parallel peers train on the same rollouts: their first rank samples
+        with timer("rollout"), self.compute():  # tensor-parallel peers train on the same rollouts: their first
             rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling()) \
-                if dist.tp_rank() == 0 else None
+                if dist.tp_rank() == 0 else None  # rank samples
             rollouts = dist.broadcast_in_tp_group(rollouts)
-        correct, no_answer = self._grade(rollouts, [self.train_prompts[idx[r.prompt_index]].answer
-                                                    for r in rollouts])
+        correct, preds = self._grade(rollouts, [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts])
         several = several_updates(cfg)
-        with timer("score"):
+        with timer("score"), self.compute():
             mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
                                    min_count=cfg.train.mini_batches)
             scored = [S.score(self.student, self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
@@ -314,6 +350,7 @@ class Trainer:
                                             policy=[policy[i] for i in g] if several else None))
             self.scheduler.step()
             upd = S.merge_updates(updates)
+            self.optimizer.zero_grad(set_to_none=True)  # not held through the next rollouts and scoring
         with timer("sync"):
             self.sync_engine()
         self.step += 1
@@ -321,20 +358,21 @@ class Trainer:
         out, self.last_profile = M.step_metrics(rollouts, correct, mbs, scored, sets, upd, timer, self.optimizer,
                                                 bucket_width=-(-cfg.rollout.max_new_tokens // nb), num_buckets=nb,
                                                 correction=correction, cap=cfg.loss.rollout_is_cap,
-                                                no_answer=no_answer)
+                                                no_answer=[p is None for p in preds])
         return out
 
     def _grade(self, rollouts, answers):
-        """(correct, no_answer) per rollout: 1/0 against its gold answer (NaN where the prompt has none), and
-        whether data.answer_extraction found any answer in the response."""
+        """(correct, extracted) per rollout: 1/0 against its gold answer (NaN where the prompt has none), and the
+        answer data.answer_extraction found in the response (None: none)."""
         preds = [self.checker.extract(self.tokenizer.decode(r.response_ids, skip_special_tokens=True))
                  for r in rollouts]
         correct = [float(answers_match(p, a)) if a is not None else float("nan") for p, a in zip(preds, answers)]
-        return correct, [p is None for p in preds]
+        return correct, preds
 
-    def evaluate(self, engine=None, split=None) -> Dict[str, float]:
+    def evaluate(self, engine=None, split=None, samples: bool = False) -> Dict[str, float]:
         """Held-out accuracy of the student (or of the model behind `engine`); this rank evaluates the prompts
-        r, r + n, ... for split = (r, n), by default (rank, world)."""
+        r, r + n, ... for split = (r, n), by default (rank, world). samples: save eval.save_samples of the
+        responses (_save_samples)."""
         e = self.cfg.eval
         r, n = split or (dist.rank(), dist.world())
         mine = list(range(r, len(self.eval_ids), n))
@@ -343,20 +381,66 @@ class Trainer:
         sampling = SamplingConfig(n=e.n, temperature=e.temperature,
                                   top_p=1.0, max_new_tokens=e.max_new_tokens or self.cfg.rollout.max_new_tokens)
         engine = engine or self.engine
+        peak = {}
         # a synced engine joins the other ranks' generation even without prompts of its own
-        with self.compute():
+        with self.compute(), phase_peak(peak, "eval"):
             rollouts = engine.generate([self.eval_ids[i] for i in mine], sampling) \
                 if mine or getattr(engine, "synced", False) else []
-        correct, no_answer = self._grade(rollouts, [self.eval_prompts[mine[r.prompt_index]].answer
-                                                    for r in rollouts])
+        answers = [self.eval_prompts[mine[r.prompt_index]].answer for r in rollouts]
+        correct, preds = self._grade(rollouts, answers)
+        no_answer = [p is None for p in preds]
+        if samples:
+            self._save_samples(rollouts, answers, correct, preds)
         graded = [c for c in correct if c == c]  # prompts without an answer are generated, not scored
         total, count, unscored, missing = dist.all_reduce([sum(graded), len(graded), len(correct) - len(graded),
                                                            sum(no_answer)])
         out = {f"accuracy_avg@{e.n}": float(total / count) if count else float("nan"),
-               "eval_responses": float(count), "eval_no_answer_fraction": float(missing / max(count + unscored, 1))}
+               "eval_responses": float(count), "eval_no_answer_fraction": float(missing / max(count + unscored, 1)),
+               "rss_eval_mib": float(dist.all_reduce([peak["eval"]], op="max")[0])}
         if unscored:
             out["eval_unscored_responses"] = float(unscored)
         return out
+
+    def _save_samples(self, rollouts, answers, correct, extracted) -> None:
+        """The first eval.save_samples responses of rank 0 with what a reader needs to judge them: prompt,
+        response, gold and extracted answer, reward, and per token the student's and teacher's log-probs (at
+        temperature 1) and their difference, the sampled-token OPD reward; one JSON row each in
+        samples/step_NNNNNN.jsonl. Every rank scores the same responses (a sharded model's forward is a
+        collective)."""
+        n = self.cfg.eval.save_samples
+        if not n:
+            return
+        picked = dist.broadcast_object(list(zip(rollouts, answers, correct, extracted))[:n] if dist.is_main()
+                                       else None)
+        if not picked:
+            return
+        rs = [p[0] for p in picked]
+        longest = max(len(r.prompt_ids) + len(r.response_ids) for r in rs)
+        lp = {i: ([], []) for i in range(len(rs))}
+        with torch.no_grad(), self.compute():
+            for mb in microbatch.build(rs, max(self.cfg.train.micro_batch_tokens, longest), self.device):
+                args = (mb.input_ids, mb.attention_mask, mb.pred_index, "score")
+                s = self.student(*args, k=0, temperature=1.0, ids=mb.targets[:, None]).target_logprobs[:, 0]
+                t = self.teacher(*args, k=0, temperature=1.0, ids=mb.targets[:, None]).target_logprobs[:, 0]
+                for seq, a, b in zip(mb.token_seq.tolist(), s.tolist(), t.tolist()):
+                    lp[seq][0].append(a)
+                    lp[seq][1].append(b)
+        if not dist.is_main():
+            return
+        import json
+
+        os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
+        with open(os.path.join(self.out, "samples", f"step_{self.step:06d}.jsonl"), "w") as f:
+            for i, (r, answer, c, pred) in enumerate(picked):
+                student_lp, teacher_lp = lp[i]
+                f.write(json.dumps({
+                    "step": self.step, "prompt": self.tokenizer.decode(r.prompt_ids),
+                    "response": self.tokenizer.decode(r.response_ids, skip_special_tokens=True),
+                    "answer": answer, "extracted": pred, "reward": None if c != c else c, "finished": r.finished,
+                    "tokens": self.tokenizer.convert_ids_to_tokens(list(r.response_ids)),
+                    "student_logprobs": [round(x, 4) for x in student_lp],
+                    "teacher_logprobs": [round(x, 4) for x in teacher_lp],
+                    "token_rewards": [round(b - a, 4) for a, b in zip(student_lp, teacher_lp)]}) + "\n")
 
     def run(self) -> Dict[str, float]:
         cfg = self.cfg
@@ -366,11 +450,15 @@ class Trainer:
                 import json
 
                 json.dump(to_dict(cfg), f, indent=2)
-            self.log.message(f"opdcore OPD: {len(self.train_prompts)} train prompts ({self.dropped_prompts} too long "
-                             f"dropped), {len(self.eval_prompts)} eval prompts, world {dist.world()}, "
-                             f"{self.threads} threads/rank, vocab {self.vocab}")
+            too_long, beyond, context = self.dropped_prompts
+            self.log.message(f"opdcore OPD: {len(self.train_prompts)} train prompts ({too_long} over "
+                             f"data.max_prompt_tokens, {beyond} too long for the context of {context} tokens with "
+                             f"rollout.max_new_tokens: dropped), {len(self.eval_prompts)} eval prompts, world "
+                             f"{dist.world()}, {self.threads} threads/rank, vocab {self.vocab}; resident memory "
+                             f"while loading the models {self.load_peak['models']:.0f} MiB, the rollout engine "
+                             f"{self.load_peak['engine']:.0f} MiB")
         if self.step == 0 and self.eval_prompts:
-            start = self.evaluate()
+            start = self.evaluate(samples=True)
             self.log.log(0, start, kind="eval")
             self.log.message(f"step 0: eval {start}")
             self.baseline = {"student": start[self._acc_key()]}
@@ -382,7 +470,7 @@ class Trainer:
                 self.log.log(self.step, m)
                 self.log.log_profile(self.step, self.last_profile)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
-                ev = self.evaluate()
+                ev = self.evaluate(samples=True)
                 self.log.log(self.step, ev, kind="eval")
                 self.log.message(f"step {self.step}: eval {ev}  train acc {m.get('train_accuracy', float('nan')):.3f}")
             if cfg.diagnostics.probe_every and self.step % cfg.diagnostics.probe_every == 0 \
@@ -390,7 +478,7 @@ class Trainer:
                 self.probe()
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self.save()
-        final = self.evaluate()
+        final = self.evaluate(samples=True)
         if final and "teacher" in self.baseline:  # METHOD.md 3: the share of the student-teacher gap closed
             final["gap_recovery"] = gap_recovery(self.baseline["student"], final[self._acc_key()],
                                                  self.baseline["teacher"])
@@ -427,9 +515,9 @@ class Trainer:
         if not self.cfg.diagnostics.eval_teacher:
             return
         # tensor-parallel peers must decode the same prompts
-        acc = self.evaluate(self._teacher_engine(), split=(dist.dp_rank(), dist.dp_world()))[self._acc_key()]
-        self.baseline["teacher"] = acc
-        self.log.log(0, {"teacher_accuracy": acc}, kind="eval")
+        res = self.evaluate(self._teacher_engine(), split=(dist.dp_rank(), dist.dp_world()))
+        acc = self.baseline["teacher"] = res[self._acc_key()]
+        self.log.log(0, {"teacher_accuracy": acc, "rss_teacher_eval_mib": res["rss_eval_mib"]}, kind="eval")
         self.log.message(f"step 0: teacher accuracy {acc:.4f}")
 
     def probe(self) -> None:
@@ -444,12 +532,14 @@ class Trainer:
             text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
             return self.checker(text, self.eval_prompts[mine[i]].answer)
 
-        with self.compute():
+        peak = {}
+        with self.compute(), phase_peak(peak, "probe"):
             res = continuation_probe(self.engine, self._teacher_engine(), [self.eval_ids[i] for i in mine], check,
                                      d.probe_cuts, self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
                                      temperature=self.cfg.rollout.temperature,
                                      reduce=lambda xs: dist.all_reduce(xs).tolist(),
                                      share=dist.broadcast_in_tp_group)
+        res["rss_probe_mib"] = float(dist.all_reduce([peak["probe"]], op="max")[0])
         self.log.log(self.step, res, kind="probe")
         adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
         self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")

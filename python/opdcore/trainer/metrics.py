@@ -11,16 +11,21 @@ import torch
 
 from opdcore import metrics as D
 from opdcore.trainer import dist
+from opdcore.trainer.memory import phase_peak, run_peak_mib
 
 
 class Timer:
+    """Seconds and peak resident memory (MiB) per named phase."""
+
     def __init__(self):
         self.seconds: Dict[str, float] = {}
+        self.peak_mib: Dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
         t0 = time.perf_counter()
-        yield
+        with phase_peak(self.peak_mib, name):
+            yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
@@ -76,14 +81,6 @@ def _sequence_diagnostics(rollouts, correct, mbs, scored) -> Dict[str, float]:
             "p_minus_q_at_largest_reward": big[1]}
 
 
-def _peak_rss_mib() -> float:
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return math.nan
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimizer, bucket_width: int,
                  num_buckets: int, correction=None, cap: float = 0.0,
                  no_answer=None) -> Tuple[Dict[str, float], Dict[str, list]]:
@@ -101,7 +98,9 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     add("train_accuracy", sum(graded), len(graded))
     add("response_length", sum(len(r.response_ids) for r in rollouts), len(rollouts))
     add("truncated_fraction", sum(not r.finished for r in rollouts), len(rollouts))
-    add("peak_rss_mib", _peak_rss_mib(), 1)  # this process's resident high-water mark (mean over ranks)
+    add("peak_rss_mib", run_peak_mib(), 1)  # this process's resident high-water mark (mean over ranks)
+    for k, v in timer.peak_mib.items():  # ... and within each phase of this step
+        add(f"rss_{k}_mib", v, 1)
     if no_answer is not None:  # responses where data.answer_extraction found no answer at all
         add("no_answer_fraction", sum(no_answer), len(no_answer))
     for mb, sc, st in zip(mbs, scored, sets):

@@ -83,7 +83,8 @@ class OPDModel(nn.Module):
 
     def _hidden(self, input_ids, attention_mask, pred_index):
         base = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.base_model
-        h = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with _eval_mode_without_grad(base):
+            h = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return h.reshape(-1, h.shape[-1])[pred_index]
 
     def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
@@ -102,11 +103,13 @@ class OPDModel(nn.Module):
         if self.tp_group is not None:
             return self._forward_tp(self._hidden(input_ids, attention_mask, pred_index), mode, **kw)
         if not self.fused:
-            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+            with _eval_mode_without_grad(self.hf):
+                logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
             logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]
             return self._from_logits(logits, mode, **kw)
         h = self._hidden(input_ids, attention_mask, pred_index)
-        w = self.hf.get_output_embeddings().weight[:self.vocab]
+        w = self.hf.get_output_embeddings().weight
+        w = w if w.shape[0] == self.vocab else w[:self.vocab]  # a slice's backward allocates a [V, H] zeros
         device = h.device.type
         if torch.is_autocast_enabled(device):  # the LM head in the autocast dtype, through opdcore's kernels as is
             dtype = torch.get_autocast_dtype(device)
@@ -129,7 +132,7 @@ class OPDModel(nn.Module):
             loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
         elif mode == "dense":  # one [rows, V] block of each model's logits at a time, gradient in the forward
-            t_h, t_w = kw["teacher_head"]
+            t_h, t_w = (x.to(h.dtype) for x in kw["teacher_head"])  # model.teacher_dtype may differ
             loss = dense_divergence_linear_weighted(h, w, t_h, t_w, kw["token_weights"], kw["divergence"],
                                                     beta=kw["beta"], temperature=kw["temperature"],
                                                     teacher_logit_scale=kw["teacher_scale"])[0]
@@ -263,6 +266,20 @@ def _gather_vocab_shards(head, _inputs, logits_shard):
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(logits_shard, head.weight.device_mesh, [Shard(logits_shard.dim() - 1)],
                               run_check=False, shape=shape, stride=stride).full_tensor()
+
+
+@contextlib.contextmanager
+def _eval_mode_without_grad(module: nn.Module):
+    """A no-grad forward (scoring) of a training model in eval mode: gradient checkpointing would otherwise
+    wrap every layer for a backward that never comes (and warn that no input requires grad)."""
+    if not (module.training and not torch.is_grad_enabled()):
+        yield
+        return
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
 
 
 @contextlib.contextmanager

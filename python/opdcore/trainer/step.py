@@ -17,6 +17,14 @@ from opdcore.parallel.tensor_parallel import clip_grad_norm
 from opdcore.trainer.microbatch import MicroBatch
 
 
+def autocast(cfg: Config, device: torch.device, cache: bool = True):
+    """model.autocast's context. The update's forward passes cache=False: autocast keeps a bfloat16 copy of every
+    weight it casts until the context exits, which there would hold all of them through the backward, where
+    gradient checkpointing needs only one layer's at a time."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast != "none",
+                          cache_enabled=cache)
+
+
 @dataclass
 class Scored:
     """Per-response-token results of one micro-batch (all [R] or [R, k])."""
@@ -172,12 +180,13 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, c
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
         mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
         mode_name = "dense" if cfg.loss.dense != "none" else ("renorm_kl" if cfg.loss.renorm_kl else "loss")
-        dense = _dense_terms(teacher, mb, cfg) if mode_name == "dense" else {}
-        loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids, teacher_logprobs=tq,
-                       valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
-                       log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
-                       outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight,
-                       ppo=policy[j] if policy else None, **dense)
+        with autocast(cfg, mb.input_ids.device, cache=False):  # the forward only: backward and step outside
+            dense = _dense_terms(teacher, mb, cfg) if mode_name == "dense" else {}
+            loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids,
+                           teacher_logprobs=tq, valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
+                           log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
+                           outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight,
+                           ppo=policy[j] if policy else None, **dense)
         if isinstance(loss, tuple):  # the PPO surrogate: (loss, clip counts)
             loss, counts = loss
             if scale:
@@ -191,6 +200,7 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, c
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
+    torch.clear_autocast_cache()  # the weights changed in place: an enclosing autocast block's copies are stale
     out = {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
     if clip_counts is not None:
         out["clip_counts"] = clip_counts
