@@ -59,6 +59,7 @@ def plain_worker(out: str, steps: int, threads: int) -> None:
     torch.manual_seed(0)
     cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
     setup = prepare_preset("smollm2", os.path.join(cache, "smollm2"))
+    _reset_hwm()
     tok = AutoTokenizer.from_pretrained(setup.tokenizer_dir, padding_side="left")
     tok.pad_token = tok.pad_token or tok.eos_token
     student = AutoModelForCausalLM.from_pretrained(setup.student_dir, dtype=torch.float32)
@@ -67,7 +68,7 @@ def plain_worker(out: str, steps: int, threads: int) -> None:
     prompts = [render_prompt(tok, e) for e in load_prompts(setup.train_prompts_path)]
     stops = stop_token_ids(tok, student.generation_config)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    rows = []
+    rows = [{"kind": "setup", "step": 0, "rss_load_models_mib": _hwm_kib() / 1024}]
     for step in range(1, steps + 1):
         seconds, peaks = {}, {}
         batch = [prompts[i] for i in torch.randperm(len(prompts))[:8].tolist()]
@@ -128,6 +129,7 @@ def summarise(rows: list) -> dict:
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in steps)
     out["response_length"] = statistics.median(r["response_length"] for r in steps)
     out["peak_rss"] = max(r["peak_rss_mib"] for r in steps)
+    out["rss_load"] = max(r["rss_load_models_mib"] for r in rows if r["kind"] == "setup")
     return out
 
 
@@ -157,8 +159,8 @@ def main():
     print(f"\nsmollm2 step, {args.threads} threads, median of steps 2..{args.steps} (seconds; memory: peak MiB)")
     print("| | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))
-    for k in ("rollout", "score", "update", "tokens_per_s", "response_length", "rss_rollout", "rss_score",
-              "rss_update", "peak_rss"):
+    for k in ("rollout", "score", "update", "tokens_per_s", "response_length", "rss_load", "rss_rollout",
+              "rss_score", "rss_update", "peak_rss"):
         print(f"| {k} | " + " | ".join(f"{res[n][k]:.2f}" if k in PHASES else f"{res[n][k]:.0f}"
                                        for n in names) + " |")
 

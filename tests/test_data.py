@@ -550,3 +550,24 @@ def test_prepare_default_setup_full_size(tmp_path):
     assert setup.teacher_accuracy >= 0.95
     assert 0.08 <= setup.student_accuracy <= 0.4
     assert setup.build_seconds < 180
+
+
+def test_a_preset_built_for_the_trainer_is_built_in_a_child_process(tmp_path):
+    """isolate=True: a cache miss builds in a spawned child (its memory leaves with it); a hit never spawns."""
+    import multiprocessing
+
+    from opdcore.data.default_setup import NotCached
+    from opdcore.data.presets import prepare_preset
+
+    with pytest.raises(NotCached):
+        prepare_default_setup(tmp_path, build=False, **TINY)
+    built = prepare_preset("synthetic", tmp_path, isolate=True, **TINY)
+    assert not built.from_cache and os.path.isdir(built.student_dir)
+    spawned = []
+    real = multiprocessing.get_context
+    multiprocessing.get_context = lambda *a: spawned.append(a) or real(*a)
+    try:
+        hit = prepare_preset("synthetic", tmp_path, isolate=True, **TINY)
+    finally:
+        multiprocessing.get_context = real
+    assert hit.from_cache and hit.root == built.root and not spawned

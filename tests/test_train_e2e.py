@@ -9,10 +9,7 @@ import time
 import pytest
 import torch
 
-from tiny_setup import make_tiny_run_dir, overrides
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(REPO, "examples", "train.py")
+from tiny_setup import TRAIN, make_tiny_run_dir, metrics, overrides, run
 DETERMINISTIC = ("loss", "grad_norm", "train_accuracy", "response_length", "student_entropy", "teacher_entropy",
                  "overlap_ratio", "overlap_advantage", "sampled_token_reward", "largest_token_reward", "lr")
 
@@ -29,19 +26,6 @@ def torchrun(tiny, out, nproc, port, **extra):
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     return r
-
-
-def run(args, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
-
-
-def metrics(out_dir, kind="train", memory=True):
-    """One kind of rows of a run's metrics.jsonl; memory=False drops the resident-memory readings (measured, so
-    they differ between runs that compute the same)."""
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if r["kind"] == kind]
-    return rows if memory else [{k: v for k, v in r.items() if not k.startswith("rss_")} for r in rows]
 
 
 @pytest.mark.parametrize("extra", [
@@ -105,8 +89,10 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = cut_dir / "checkpoints" / "step_00000002"
     deadline = time.time() + 300
-    while not ck.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    # killed after step 3 logged its row, before the step-4 checkpoint: the resumed run redoes step 3
+    while not (ck.exists() and 3 in [m["step"] for m in _rows(cut_dir)]) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ck.exists()
@@ -115,10 +101,21 @@ def test_killed_run_resumes_exactly(tiny, tmp_path):
     assert "resumed from" in r.stdout + r.stderr
     assert "gap_recovery" in metrics(cut_dir, "eval")[-1]  # the step-0 accuracies came back with the checkpoint
     ref = {m["step"]: m for m in metrics(ref_dir)}
-    got = {m["step"]: m for m in metrics(cut_dir)}  # killed run's rows, then the resumed run's
+    assert [m["step"] for m in metrics(cut_dir)] == [1, 2, 3, 4, 5, 6]  # the killed run's step-3 row replaced
+    assert [m["step"] for m in metrics(cut_dir, "eval") if "accuracy_avg@1" in m] == [0, 6]
+    got = {m["step"]: m for m in metrics(cut_dir)}
     for step in range(3, 7):
         for key in DETERMINISTIC:
             assert got[step][key] == ref[step][key], (step, key, got[step][key], ref[step][key])
+
+
+def _rows(out_dir):
+    """The train rows written so far (a row being written may be cut short)."""
+    try:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            return [r for r in map(json.loads, f.read().splitlines()[:-1]) if r["kind"] == "train"]
+    except (OSError, ValueError):
+        return []
 
 
 def test_vocab_mismatch_is_an_error_before_training(tiny, tmp_path):

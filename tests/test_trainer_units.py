@@ -70,7 +70,7 @@ def test_checkpoint_atomic_and_resume_helpers(tmp_path):
     root = str(tmp_path / "ck")
     assert checkpoint.latest(root) is None
     torch.manual_seed(3)
-    p1 = checkpoint.save(root, 1, {"step": 1, "x": torch.arange(3)}, keep=2)
+    p1 = checkpoint.save(root, 1, {"step": 1, "x": [0, 1, 2]}, keep=2)
     checkpoint.save(root, 2, {"step": 2}, keep=2)
     after_2 = torch.rand(2)
     checkpoint.save(root, 3, {"step": 3}, keep=2)
@@ -82,10 +82,12 @@ def test_checkpoint_atomic_and_resume_helpers(tmp_path):
     assert state["step"] == 3
     checkpoint.set_rng_state(checkpoint.load(os.path.join(root, "step_00000002"))["rng"])
     assert torch.equal(torch.rand(2), after_2)  # the RNG state saved at step 2 reproduces the draws after it
-    with open(os.path.join(root, "step_00000003", "trainer.pt"), "wb") as f:
-        f.write(b"garbage")
-    with pytest.raises(ValueError, match="corrupt or unreadable"):
+    with open(os.path.join(root, "step_00000003", checkpoint.STATE), "w") as f:
+        f.write("garbage")
+    with pytest.raises(ValueError, match="is damaged: trainer.json does not match the checksum"):
         checkpoint.load(os.path.join(root, "step_00000003"))
+    with pytest.raises(ValueError, match="corrupt or unreadable"):  # unchecked, it still fails clearly
+        checkpoint.load(os.path.join(root, "step_00000003"), check=False)
     with pytest.raises(ValueError, match="not a complete opdcore checkpoint"):
         checkpoint.load(os.path.join(root, "step_00000008"))
 

@@ -1,6 +1,10 @@
 """Tiny real models, tokenizer and prompt files for trainer tests (built offline in a temporary folder)."""
 import json
 import os
+import subprocess
+import sys
+
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train.py")
 
 
 def make_tiny_run_dir(root, teacher_vocab_pad: int = 4, teacher_hidden: int = 96):
@@ -41,3 +45,17 @@ def overrides(paths, out_dir, **extra):
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def run(args, **kw):
+    """examples/train.py with these overrides, one thread, in a subprocess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def metrics(out_dir, kind="train", memory=True):
+    """One kind of rows of a run's metrics.jsonl; memory=False drops the resident-memory readings (measured, so
+    they differ between runs that compute the same)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r["kind"] == kind]
+    return rows if memory else [{k: v for k, v in r.items() if not k.startswith("rss_")} for r in rows]

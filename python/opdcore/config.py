@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -118,7 +119,10 @@ class TrainConfig:
     output_dir: str = "runs/opd"
     save_every: int = 50  # 0: only the final model
     keep_checkpoints: int = 2
-    resume: str = "auto"  # auto (latest complete checkpoint in output_dir) | never | a checkpoint path
+    resume: str = "auto"  # auto (latest intact checkpoint in output_dir) | never | a checkpoint path
+    # a new run refuses an output_dir that holds another run (its checkpoints would be pruned, its metrics mixed);
+    # true: that run is moved aside to <output_dir>.replaced-<time> first
+    overwrite: bool = False
     log_every: int = 1
     threads: int = 0  # torch threads per process; 0: cores / local world size
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor); the world is data-parallel x this
@@ -177,25 +181,25 @@ CHOICES = {
 # (key, predicate, what is expected)
 RANGES = [
     ("rollout.n", lambda v: v >= 1, ">= 1"),
-    ("rollout.temperature", lambda v: v > 0, "> 0"),
+    ("rollout.temperature", lambda v: 0 < v <= 10, "in (0, 10]"),
     ("rollout.top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("rollout.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("rollout.batch_size", lambda v: v >= 1, ">= 1"),
     ("rollout.vllm_gpu_memory_utilization", lambda v: v is None or 0 < v <= 1, "in (0, 1] (null: automatic)"),
-    ("rollout.vllm_kv_cache_gib", lambda v: v is None or 0 < v < float("inf"), "> 0 (null: a share of memory)"),
+    ("rollout.vllm_kv_cache_gib", lambda v: v is None or v > 0, "> 0 (null: a share of memory)"),
     ("data.max_prompt_tokens", lambda v: v >= 1, ">= 1"),
     ("loss.topk", lambda v: v >= 0, ">= 0 (0: sampled-token)"),
     ("loss.log_ratio_clip", lambda v: v >= 0, ">= 0"),
-    ("loss.teacher_temperature", lambda v: v > 0, "> 0"),
+    ("loss.teacher_temperature", lambda v: 0 < v <= 10, "in (0, 10]"),
     ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
     ("loss.dense_beta", lambda v: 0 < v < 1, "in (0, 1)"),
     ("loss.rollout_is_cap", lambda v: v == 0 or v >= 1, ">= 1 (0: off)"),
     ("loss.ppo_clip", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.ppo_clip_high", lambda v: v is None or v >= 0, ">= 0 (null: loss.ppo_clip)"),
     ("loss.ppo_dual_clip", lambda v: v == 0 or v > 1, "> 1 (0: off)"),
-    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.lr", lambda v: 0 < v <= 1, "in (0, 1]"),
     ("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two values in [0, 1)"),
-    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.weight_decay", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -212,7 +216,7 @@ RANGES = [
     ("eval.every", lambda v: v >= 0, ">= 0"),
     ("eval.max_prompts", lambda v: v >= 0, ">= 0"),
     ("eval.n", lambda v: v >= 1, ">= 1"),
-    ("eval.temperature", lambda v: v >= 0, ">= 0 (0: greedy)"),
+    ("eval.temperature", lambda v: 0 <= v <= 10, "in [0, 10] (0: greedy)"),
     ("eval.max_new_tokens", lambda v: v >= 0, ">= 0"),
     ("eval.save_samples", lambda v: v >= 0, ">= 0"),
     ("diagnostics.position_buckets", lambda v: v >= 1, ">= 1"),
@@ -307,6 +311,10 @@ def _apply_mapping(cfg: Config, mapping: dict, prefix: str = "") -> None:
 def validate(cfg: Config) -> Config:
     """Check choices and ranges; raises ConfigError naming the key."""
     values = {k: v for k, v, _ in flat_items(cfg)}
+    for key, value in values.items():  # inf or nan would pass most range checks and fail mid-run
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else
+                                                                       (value,))):
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
     for key, choices in CHOICES.items():
         if values[key] not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {values[key]!r}")

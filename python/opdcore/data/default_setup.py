@@ -111,9 +111,14 @@ def _load_cached(final: Path) -> Optional[DefaultSetup]:
         return None
 
 
+class NotCached(LookupError):
+    """The preset is not in the cache (and building it was not asked for)."""
+
+
 def cached_setup(cache_dir, prefix: str, settings: Dict[str, Any],
-                 build: Callable[[Path], Dict[str, Any]]) -> DefaultSetup:
-    """The setup cached in cache_dir/<prefix>-<hash of settings>, built by build(tmp_dir) when missing.
+                 build: Optional[Callable[[Path], Dict[str, Any]]]) -> DefaultSetup:
+    """The setup cached in cache_dir/<prefix>-<hash of settings>, built by build(tmp_dir) when missing (build
+    None: raise NotCached instead).
 
     build writes the artefacts named in _PATHS into the directory it is given and returns setup.json's content.
     The cache is built in a temporary directory and renamed into place when complete, so a killed run never
@@ -126,6 +131,8 @@ def cached_setup(cache_dir, prefix: str, settings: Dict[str, Any],
     final = cache_dir / f"{prefix}-{key}"
     if final.is_dir() and (hit := _load_cached(final)) is not None:
         return hit
+    if build is None:
+        raise NotCached(str(final))
     with _exclusive(cache_dir / f".{prefix}-{key}.lock"):
         if final.is_dir():  # another process may have finished while we waited, or the cache is broken
             if (hit := _load_cached(final)) is not None:
@@ -151,7 +158,7 @@ def prepare_default_setup(cache_dir, *, seed: int = 0, digits: int = 3,
                           student_check_max_loss: float = 0.5,
                           n_sft: int = 4000, n_train: int = 2000, n_dev: int = 200, n_eval: int = 400,
                           batch_size: int = 32, lr: float = 2e-3, warmup: int = 20,
-                          progress: bool = True) -> DefaultSetup:
+                          progress: bool = True, build: bool = True) -> DefaultSetup:
     """Build (or load from cache) the default OPD setup on the synthetic addition task; see DefaultSetup.
 
     teacher/student override the model shapes (keys hidden, layers, heads, intermediate; defaults
@@ -185,7 +192,8 @@ def prepare_default_setup(cache_dir, *, seed: int = 0, digits: int = 3,
         "n_sft": n_sft, "n_train": n_train, "n_dev": n_dev, "n_eval": n_eval,
         "batch_size": batch_size, "lr": lr, "warmup": warmup,
     }
-    return cached_setup(cache_dir, "default", settings, lambda out: _build(out, settings, progress))
+    return cached_setup(cache_dir, "default", settings,
+                        (lambda out: _build(out, settings, progress)) if build else None)
 
 
 def _build(out: Path, settings: Dict[str, Any], progress: bool) -> Dict[str, Any]:

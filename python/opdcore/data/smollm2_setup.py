@@ -65,7 +65,7 @@ def gguf_to_hf(gguf_path: str, out_dir, dtype: str = "float32"):
 def prepare_smollm2_setup(cache_dir, *, seed: int = 0, teacher_sft_steps: int = 60, sft_batch_size: int = 16,
                           lr: float = 1e-4, warmup: int = 5, n_sft: int = 2000, n_train: int = 2000,
                           n_eval: int = 128, max_new_tokens: int = 48, progress: bool = True,
-                          gguf_path: Optional[str] = None) -> DefaultSetup:
+                          gguf_path: Optional[str] = None, build: bool = True) -> DefaultSetup:
     """Build (or load from cache) the smollm2 preset; returns the same DefaultSetup record as the synthetic one
     (student_sft_steps 0: the student is the released model; sft_data_path: the teacher's SFT data).
 
@@ -83,7 +83,8 @@ def prepare_smollm2_setup(cache_dir, *, seed: int = 0, teacher_sft_steps: int = 
                 "gguf_bytes": os.path.getsize(gguf_path), "seed": seed, "teacher_sft_steps": teacher_sft_steps,
                 "sft_batch_size": sft_batch_size, "lr": lr, "warmup": warmup, "n_sft": n_sft, "n_train": n_train,
                 "n_eval": n_eval, "max_new_tokens": max_new_tokens}
-    return cached_setup(cache_dir, "smollm2", settings, lambda out: _build(out, gguf_path, settings, progress))
+    return cached_setup(cache_dir, "smollm2", settings,
+                        (lambda out: _build(out, gguf_path, settings, progress)) if build else None)
 
 
 def _build(out: Path, gguf_path: str, s: Dict[str, Any], progress: bool) -> Dict[str, Any]:

@@ -9,7 +9,12 @@ from opdcore.trainer import dist
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress: bool):
+    """keep_through: the rows of earlier steps already in the files (a resumed run: its checkpoint's step) stay,
+    later ones (logged by a killed run after its last checkpoint) are dropped, so every step has one row per kind;
+    -1 drops all."""
+
+    def __init__(self, out_dir: str, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
+                 keep_through: int = -1):
         self.main = dist.is_main()
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.tb = None
@@ -17,11 +22,14 @@ class MetricsLogger:
         if not self.main:
             return
         os.makedirs(out_dir, exist_ok=True)
+        for name in ("metrics.jsonl", "positions.jsonl"):
+            _truncate(os.path.join(out_dir, name), keep_through)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                # purge_step: TensorBoard hides the events of steps >= it written before the restart
+                self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=keep_through + 1)
             except ImportError:
                 print("tensorboard is not installed: logging to metrics.jsonl only")
         if progress:
@@ -61,3 +69,23 @@ class MetricsLogger:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate(path: str, keep_through: int) -> None:
+    """Drop the rows of steps after keep_through from a JSONL metrics file (atomically: a kill keeps the old)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= keep_through:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a row cut short by a kill mid-write
+            continue
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
-import warnings
 from typing import Dict, Optional
 
 import torch
@@ -17,7 +17,7 @@ from opdcore.parallel.tensor_parallel import parallelize
 from opdcore.rollout import SamplingConfig
 from opdcore.rollout.hf import HFEngine
 from opdcore.trainer import checkpoint, dist, metrics as M
-from opdcore.trainer import microbatch, step as S
+from opdcore.trainer import microbatch, safe_dcp, step as S
 from opdcore.trainer.logger import MetricsLogger
 from opdcore.trainer.memory import phase_peak
 from opdcore.trainer.probe import continuation_probe
@@ -28,10 +28,11 @@ from opdcore.trainer.schedule import make_scheduler
 
 # settings a run may change when it resumes: how long, where and how it logs, evaluates and parallelises; every
 # other setting (models, data, loss, optimizer, sampling, batch) defines the run, so a resume must keep it
-RESUMABLE = ("train.steps", "train.output_dir", "train.resume", "train.save_every", "train.keep_checkpoints",
-             "train.log_every", "train.threads", "train.tensor_parallel", "train.progress", "train.tensorboard",
-             "train.micro_batch_tokens", "rollout.engine", "rollout.batch_size", "rollout.hf_generate_sharded",
-             "rollout.vllm_gpu_memory_utilization", "rollout.vllm_enforce_eager", "eval.", "diagnostics.")
+RESUMABLE = ("train.steps", "train.output_dir", "train.resume", "train.overwrite", "train.save_every",
+             "train.keep_checkpoints", "train.log_every", "train.threads", "train.tensor_parallel", "train.progress",
+             "train.tensorboard", "train.micro_batch_tokens", "rollout.engine", "rollout.batch_size",
+             "rollout.hf_generate_sharded", "rollout.vllm_gpu_memory_utilization", "rollout.vllm_kv_cache_gib",
+             "rollout.vllm_enforce_eager", "eval.", "diagnostics.")
 
 
 def changed_settings(saved, current) -> list:
@@ -83,11 +84,13 @@ class Trainer:
                              f"data-parallel rank gets per step (train.prompts_per_step x rollout.n / ranks)")
         torch.manual_seed(cfg.train.seed + dist.dp_rank())  # tensor-parallel peers draw the same numbers
         self.out = cfg.train.output_dir
+        self._claim_output_dir()
         paths = self._resolve_paths()
+        examples = self._read_prompt_files(paths)  # a bad data file is said before minutes go into the models
         self.load_peak: Dict[str, float] = {}  # resident memory while loading (MiB), said in the start message
         with phase_peak(self.load_peak, "models"):
             self._load_models(paths)
-            self._load_data(paths)
+            self._load_data(paths, examples)
         with phase_peak(self.load_peak, "engine"):
             self._make_engine(paths)
         self.checker = AnswerChecker(cfg.data.answer_extraction, cfg.data.answer_regex)
@@ -99,8 +102,10 @@ class Trainer:
                                      rank=dist.dp_rank(), world_size=dist.dp_world())
         self.step = 0
         self.baseline: Dict[str, float] = {}  # held-out accuracy before training: student, teacher
-        self._maybe_resume()
-        self.log = MetricsLogger(self.out, cfg.train.steps, self.step, cfg.train.tensorboard, cfg.train.progress)
+        self.resumed = self._maybe_resume()
+        # rows a killed run logged after its last checkpoint (or all, when it restarts) are replaced, not repeated
+        self.log = MetricsLogger(self.out, cfg.train.steps, self.step, cfg.train.tensorboard, cfg.train.progress,
+                                 keep_through=self.step if self.resumed else -1)
 
     # ---- setup ---------------------------------------------------------------------------------------------------
 
@@ -112,7 +117,7 @@ class Trainer:
         cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
         setup = None
         if dist.is_main():  # one rank builds the preset's models (cached on disk), the others wait
-            setup = prepare_preset(m.student, os.path.join(cache, m.student), seed=self.cfg.train.seed)
+            setup = prepare_preset(m.student, os.path.join(cache, m.student), isolate=True, seed=self.cfg.train.seed)
         setup = dist.broadcast_object(setup)
         return {"student": setup.student_dir, "teacher": setup.teacher_dir, "tokenizer": setup.tokenizer_dir,
                 "train": setup.train_prompts_path, "eval": setup.eval_prompts_path}
@@ -187,12 +192,23 @@ class Trainer:
         limits = [n for n in limits if isinstance(n, int) and n > 0]
         return min(limits) if limits else None
 
-    def _load_data(self, paths: Dict[str, str]) -> None:
+    def _read_prompt_files(self, paths: Dict[str, str]) -> Dict[str, list]:
+        d = self.cfg.data
+        examples = {k: load_prompts(paths[k], prompt_key=d.prompt_key, answer_key=d.answer_key)
+                    for k in ("train", "eval") if paths[k]}
+        if self.cfg.loss.outcome_weight > 0:
+            missing = [e.index for e in examples["train"] if e.answer is None]
+            if missing:
+                raise ValueError(f"loss.outcome_weight > 0 needs a ground-truth answer for every training prompt; "
+                                 f"{len(missing)} in {paths['train']} have none (first row {missing[0]})")
+        return examples
+
+    def _load_data(self, paths: Dict[str, str], read: Dict[str, list]) -> None:
         d, context = self.cfg.data, self._context()
         new_tokens = self.cfg.rollout.max_new_tokens
 
-        def load(path, max_new):
-            examples = load_prompts(path, prompt_key=d.prompt_key, answer_key=d.answer_key)
+        def load(split, max_new):
+            examples = read[split]
             ids = [render_prompt(self.tokenizer, e, d.chat_template_kwargs, d.chat_template) for e in examples]
             kept, too_long = filter_long(ids, d.max_prompt_tokens)
             # a prompt whose response could run past the context would be scored on positions the models never
@@ -201,20 +217,15 @@ class Trainer:
             kept = [i for i in kept if i not in set(beyond)]
             return [examples[i] for i in kept], [ids[i] for i in kept], (too_long, len(beyond))
 
-        self.train_prompts, self.train_ids, (too_long, beyond) = load(paths["train"], new_tokens)
+        self.train_prompts, self.train_ids, (too_long, beyond) = load("train", new_tokens)
         if not self.train_prompts:
             raise ValueError(f"no training prompts left in {paths['train']}: {too_long} longer than "
                              f"data.max_prompt_tokens={d.max_prompt_tokens}, {beyond} too long for the models' "
                              f"context of {context} tokens with rollout.max_new_tokens={new_tokens}")
         self.dropped_prompts = (too_long, beyond, context)
-        if self.cfg.loss.outcome_weight > 0:
-            missing = [e.index for e in self.train_prompts if e.answer is None]
-            if missing:
-                raise ValueError(f"loss.outcome_weight > 0 needs a ground-truth answer for every training prompt; "
-                                 f"{len(missing)} in {paths['train']} have none (first row {missing[0]})")
         self.eval_prompts, self.eval_ids = [], []
         if paths["eval"]:
-            self.eval_prompts, self.eval_ids, _ = load(paths["eval"], self.cfg.eval.max_new_tokens or new_tokens)
+            self.eval_prompts, self.eval_ids, _ = load("eval", self.cfg.eval.max_new_tokens or new_tokens)
             n = self.cfg.eval.max_prompts
             self.eval_prompts, self.eval_ids = self.eval_prompts[:n], self.eval_ids[:n]
         # every training sequence must fit one micro-batch: say so now, not at the step that samples the longest
@@ -235,31 +246,75 @@ class Trainer:
         """Model and optimizer through torch.distributed.checkpoint, at every world size: each rank writes its
         own shards (no rank ever holds the whole model and optimizer under FSDP), with the global layout in the
         metadata, so a checkpoint loads back at any world size and parallel layout (resharded on load)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
-        with warnings.catch_warnings():  # one process: no process group, as intended
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=os.path.join(folder, "shards"))
+        safe_dcp.save({"model": model_sd, "optimizer": optim_sd}, os.path.join(folder, "shards"))
 
     def save(self) -> str:
         return checkpoint.save(os.path.join(self.out, "checkpoints"), self.step, self._state(),
                                self.cfg.train.keep_checkpoints, write_shards=self._write_shards)
 
-    def _maybe_resume(self) -> None:
+    def _claim_output_dir(self) -> None:
+        """A run writes only into a folder of its own: a new run in a folder that holds another run would prune
+        that run's checkpoints (the higher step numbers survive), mix both in metrics.jsonl, and a later
+        resume=auto would load the other run. Refused, unless train.overwrite moves the other run aside. A
+        folder whose run restarts from the beginning with the same settings (killed before its first checkpoint)
+        is its own: its metric rows are replaced."""
+        t = self.cfg.train
+        root = os.path.join(self.out, "checkpoints")
+        found = [n for n in ("config.json", "metrics.jsonl", "checkpoints", "final") if
+                 os.path.exists(os.path.join(self.out, n))]
+        if not found or t.resume not in ("auto", "never") or (t.resume == "auto" and checkpoint.complete(root)):
+            return  # nothing there, or resuming (an explicit checkpoint, or the folder's own: checked on load)
+        why = f"train.resume={t.resume}"
+        if t.resume == "auto":
+            try:
+                with open(os.path.join(self.out, "config.json")) as f:
+                    changed = changed_settings(json.load(f), to_dict(self.cfg))
+            except (OSError, ValueError):
+                changed = [("config.json", "missing or unreadable", "")]
+            if not changed:
+                return
+            why = "other settings (" + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed[:4]) + ")"
+        if not t.overwrite:
+            raise ValueError(f"train.output_dir={self.out} holds another run ({', '.join(found)}) and this run "
+                             f"would not continue it: {why}. Choose another train.output_dir, or set "
+                             f"train.overwrite=true to move that run aside first")
+        if dist.is_main():
+            import time
+
+            aside = f"{os.path.normpath(self.out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            os.replace(self.out, aside)
+            print(f"train.overwrite: the run that was in {self.out} is now in {aside}")
+        dist.barrier()
+
+    def _maybe_resume(self) -> bool:
+        """Load train.resume's checkpoint, if any; True when resumed."""
         mode = self.cfg.train.resume
-        path = checkpoint.latest(os.path.join(self.out, "checkpoints")) if mode == "auto" else (
-            None if mode == "never" else mode)
-        if path is None:
-            return
-        state = checkpoint.load(path)
+        if mode == "never":
+            return False
+        if mode == "auto":
+            root = os.path.join(self.out, "checkpoints")
+            path, skipped = checkpoint.latest_intact(root)
+            for bad, problem in skipped:
+                if dist.is_main():
+                    print(f"checkpoint {bad} is damaged ({problem}): falling back to an earlier one")
+            if path is None:
+                if skipped:
+                    raise ValueError(f"every checkpoint in {root} is damaged (see above); move them away to start "
+                                     f"over, or resume one by path with train.resume=<folder>")
+                return False
+            state = checkpoint.load(path, check=False)
+        else:
+            path, state = mode, checkpoint.load(mode)
         changed = changed_settings(state.get("config"), to_dict(self.cfg))
         if changed:
             raise ValueError(f"train.resume: the checkpoint {path} was written by a run with other settings ("
                              + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed)
                              + "); restore them to continue that run, or start a new one in another "
-                             "train.output_dir (train.resume=never)")
+                             "train.output_dir (or move that run aside with train.resume=never "
+                             "train.overwrite=true)")
         if "model" in state:  # a single-process checkpoint of opdcore <= 0.1: model and optimizer in trainer.pt
             if self.sharded:
                 raise ValueError(f"checkpoint {path} holds an unsharded model of an older opdcore: resume it in "
@@ -267,14 +322,11 @@ class Trainer:
             self.student.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         else:
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
             model_sd, optim_sd = get_state_dict(self.student, self.optimizer)
             shards = {"model": model_sd, "optimizer": optim_sd}
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(shards, checkpoint_id=os.path.join(path, "shards"))
+            safe_dcp.load(shards, os.path.join(path, "shards"))
             set_state_dict(self.student, self.optimizer, model_state_dict=shards["model"],
                            optim_state_dict=shards["optimizer"])
         self.sync_engine()
@@ -291,6 +343,7 @@ class Trainer:
             if state["rng"] is None:
                 print(f"  written by {state['world_size']} ranks, resumed on {dist.world()}: model and optimizer "
                       f"resharded, the prompt order continues, sampling draws fresh random numbers")
+        return True
 
     # ---- the loop ------------------------------------------------------------------------------------------------
 
@@ -427,8 +480,6 @@ class Trainer:
                     lp[seq][1].append(b)
         if not dist.is_main():
             return
-        import json
-
         os.makedirs(os.path.join(self.out, "samples"), exist_ok=True)
         with open(os.path.join(self.out, "samples", f"step_{self.step:06d}.jsonl"), "w") as f:
             for i, (r, answer, c, pred) in enumerate(picked):
@@ -447,8 +498,6 @@ class Trainer:
         if dist.is_main():
             os.makedirs(self.out, exist_ok=True)
             with open(os.path.join(self.out, "config.json"), "w") as f:
-                import json
-
                 json.dump(to_dict(cfg), f, indent=2)
             too_long, beyond, context = self.dropped_prompts
             self.log.message(f"opdcore OPD: {len(self.train_prompts)} train prompts ({too_long} over "
@@ -457,6 +506,7 @@ class Trainer:
                              f"{dist.world()}, {self.threads} threads/rank, vocab {self.vocab}; resident memory "
                              f"while loading the models {self.load_peak['models']:.0f} MiB, the rollout engine "
                              f"{self.load_peak['engine']:.0f} MiB")
+        self.log.log(self.step, {f"rss_load_{k}_mib": v for k, v in self.load_peak.items()}, kind="setup")
         if self.step == 0 and self.eval_prompts:
             start = self.evaluate(samples=True)
             self.log.log(0, start, kind="eval")

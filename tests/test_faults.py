@@ -1,0 +1,240 @@
+"""Faults a user meets: untrusted or damaged checkpoints, full disks, settings that could only fail mid-run.
+Each test failed before its fix."""
+import dataclasses
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from opdcore.config import ConfigError, load_config
+from opdcore.trainer import checkpoint, safe_dcp
+from opdcore.trainer.logger import MetricsLogger
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command that leaves a file behind: proof that code ran."""
+
+    def __init__(self, proof):
+        self.proof = str(proof)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.proof}",)
+
+
+def _save(root, step=1, shards=True):
+    """A checkpoint as the trainer writes it: JSON state, RNG file, model/optimizer shards."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+
+    def write(folder):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        m, o = get_state_dict(model, opt)
+        safe_dcp.save({"model": m, "optimizer": o}, os.path.join(folder, "shards"))
+
+    return checkpoint.save(str(root), step, {"step": step, "sampler": {"offset": 3}}, keep=3,
+                           write_shards=write if shards else None), model, opt
+
+
+def _reseal(path):
+    """Rewrite the completion marker's checksums, as someone who tampers with a checkpoint would."""
+    marker = os.path.join(path, checkpoint.COMPLETE)
+    meta = json.load(open(marker))
+    meta["sha256"] = {rel: checkpoint._digest(os.path.join(path, rel)) for rel in checkpoint._files(path)
+                      if rel != checkpoint.COMPLETE}
+    json.dump(meta, open(marker, "w"))
+
+
+def _load_shards(path):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    m, o = get_state_dict(model, opt)
+    shards = {"model": m, "optimizer": o}
+    safe_dcp.load(shards, os.path.join(path, "shards"))
+    return shards
+
+
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path):
+    path, _, _ = _save(tmp_path / "ck")
+    proof = tmp_path / "code_ran"
+    assert checkpoint.load(path)["step"] == 1 and _load_shards(path)  # intact: loads
+    # 1. the RNG file (and an older checkpoint's trainer.pt): torch files of tensors and plain values only
+    for name in ("rng_rank0.pt", "trainer.pt"):
+        if name == "trainer.pt":
+            os.remove(os.path.join(path, checkpoint.STATE))
+        with open(os.path.join(path, name), "wb") as f:
+            pickle.dump({"step": 1, "x": _RunsCode(proof)}, f)
+        _reseal(path)
+        with pytest.raises(safe_dcp.UnsafeCheckpointError, match=f"{name} holds Python objects beyond tensors"):
+            checkpoint.load(path)
+        assert not proof.exists()
+        torch.save(checkpoint.rng_state() if name.startswith("rng") else {"step": 1}, os.path.join(path, name))
+    _reseal(path)
+    assert checkpoint.load(path)["step"] == 1
+    # 2. DCP's .metadata, which torch itself reads with pickle.load
+    meta = os.path.join(path, "shards", safe_dcp.METADATA)
+    original = open(meta, "rb").read()
+    with open(meta, "wb") as f:
+        pickle.dump(_RunsCode(proof), f)
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match=r"\.metadata refers to posix\.system.*nothing in it was run"):
+        _load_shards(path)
+    assert not proof.exists()
+    # ... and metadata that points outside its folder
+    md = pickle.loads(original)
+    key = next(iter(md.storage_data))
+    md.storage_data[key] = dataclasses.replace(md.storage_data[key], relative_path="../../elsewhere.distcp")
+    with open(meta, "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match="outside its folder"):
+        _load_shards(path)
+
+
+def test_a_crafted_non_tensor_item_in_the_shards_is_refused(tmp_path):
+    """DCP stores non-tensor values (the optimizer's settings) as pickles it loads with weights_only=False."""
+    proof = tmp_path / "code_ran"
+    folder = str(tmp_path / "shards")
+    safe_dcp.save({"lr": _RunsCode(proof)}, folder)
+    with pytest.raises(safe_dcp.UnsafeCheckpointError, match="item lr holds objects beyond tensors"):
+        safe_dcp.load({"lr": 0.1}, folder)
+    assert not proof.exists()
+    safe_dcp.save({"lr": 0.25, "betas": (0.9, 0.95)}, folder)  # plain values load
+    state = {"lr": 0.1, "betas": (0.0, 0.0)}
+    safe_dcp.load(state, folder)
+    assert state == {"lr": 0.25, "betas": (0.9, 0.95)}
+
+
+def test_damaged_checkpoints_are_detected_and_resume_falls_back(tmp_path):
+    root = tmp_path / "ck"
+    first, model, _ = _save(root, 1)
+    second, _, _ = _save(root, 2)
+    assert checkpoint.latest_intact(str(root)) == (second, [])
+    shard = next(p for p in checkpoint._files(second) if p.endswith(".distcp"))
+    with open(os.path.join(second, shard), "r+b") as f:  # a few overwritten bytes load silently in DCP itself
+        f.seek(200)
+        f.write(b"\x7f\x7f\x7f\x7f")
+    path, skipped = checkpoint.latest_intact(str(root))
+    assert path == first and skipped == [(second, f"{shard} does not match the checksum recorded when it was "
+                                                  f"written (damaged or changed since)")]
+    with pytest.raises(ValueError, match=f"checkpoint {second} is damaged: {shard} does not match"):
+        checkpoint.load(second)
+    os.truncate(os.path.join(first, shard), 10)  # truncated
+    assert checkpoint.latest_intact(str(root)) == (None, [(second, skipped[0][1]), (first, skipped[0][1])])
+    with pytest.raises(ValueError, match=f"the model and optimizer shards in {first}/shards could not be read"):
+        _load_shards(first)  # unchecked, DCP's own error now names the checkpoint
+    os.remove(os.path.join(first, "rng_rank0.pt"))
+    assert checkpoint.damage(first) == "rng_rank0.pt is missing"
+
+
+def test_a_failed_checkpoint_write_names_the_disk_and_keeps_the_last_good_one(tmp_path):
+    root = tmp_path / "ck"
+    good, _, _ = _save(root, 1, shards=False)
+
+    def full_disk(folder):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(checkpoint.CheckpointWriteError,
+                       match=r"checkpoint of step 2 .* failed: the disk is full; [0-9.]+ GiB free on the disk holding"):
+        checkpoint.save(str(root), 2, {"step": 2}, keep=2, write_shards=full_disk)
+    assert sorted(os.listdir(root)) == [os.path.basename(good)]  # no temporary folder left, step 1 intact
+    assert checkpoint.latest_intact(str(root)) == (good, [])
+
+
+def test_checkpoint_state_is_json_and_rng_round_trips(tmp_path):
+    import random
+
+    import numpy as np
+
+    path, _, _ = _save(tmp_path / "ck")
+    assert json.load(open(os.path.join(path, checkpoint.STATE)))["sampler"] == {"offset": 3}
+    state = checkpoint.load(path)["rng"]
+    want = (random.random(), float(np.random.rand()), torch.rand(2))
+    random.random(), np.random.rand(), torch.rand(2)
+    checkpoint.set_rng_state(state)
+    for a, b in zip(want[:2], (random.random(), float(np.random.rand()))):
+        assert a == b
+    assert torch.equal(torch.rand(2), want[2])
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=.inf", "optim.lr=nan", "loss.log_ratio_clip=inf",
+                                     "optim.betas=[0.9, .nan]", "rollout.temperature=1e9", "optim.lr=3"])
+def test_non_finite_or_absurd_settings_are_refused(setting):
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + " must be"):
+        load_config(None, (setting,))
+
+
+def test_metrics_rows_after_the_resumed_step_are_replaced(tmp_path):
+    rows = [{"step": s, "kind": k} for s in range(5) for k in ("train", "eval")]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write('{"step": 5, "kind": "tr')  # cut short by a kill
+    MetricsLogger(str(tmp_path), 10, 2, tensorboard=False, progress=False, keep_through=2)
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [0, 0, 1, 1, 2, 2]
+    MetricsLogger(str(tmp_path), 10, 0, tensorboard=False, progress=False, keep_through=-1)  # a restart
+    assert open(tmp_path / "metrics.jsonl").read() == ""
+
+
+# ---- the trainer end to end (tiny models, a few seconds each) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from tiny_setup import make_tiny_run_dir
+
+    return make_tiny_run_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def test_a_new_run_never_prunes_or_mixes_with_another_run(tiny, tmp_path):
+    """resume=never into a folder holding a longer run used to delete the new run's checkpoints (pruning keeps the
+    highest steps) and mix both runs' metrics; now it is refused, or the old run is moved aside."""
+    from tiny_setup import metrics, overrides, run
+
+    out = tmp_path / "run"
+    assert run(overrides(tiny, out, **{"train.steps": 4})).returncode == 0
+    r = run(overrides(tiny, out, **{"train.steps": 2, "train.resume": "never"}))
+    assert r.returncode != 0 and "holds another run (config.json, metrics.jsonl, checkpoints, final) and this run " \
+        "would not continue it: train.resume=never" in r.stderr and "train.overwrite=true" in r.stderr
+    # resume=auto into a run of other settings is refused too (and nothing of it was touched)
+    r = run(overrides(tiny, out, **{"train.steps": 2, "loss.topk": 4}))
+    assert r.returncode != 0 and "loss.topk: 8 then, 4 now" in r.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    r = run(overrides(tiny, out, **{"train.steps": 2, "train.resume": "never", "train.overwrite": True}))
+    assert r.returncode == 0, r.stderr[-2000:]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert len(aside) == 1 and [m["step"] for m in metrics(aside[0])] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics(out)] == [1, 2] and os.listdir(out / "checkpoints") == ["step_00000002"]
+
+
+def test_resume_refuses_a_planted_pickle_and_falls_back_from_damage(tiny, tmp_path):
+    from tiny_setup import metrics, overrides, run
+
+    out = tmp_path / "run"
+    args = {"train.steps": 4, "train.save_every": 1, "train.keep_checkpoints": 3}
+    assert run(overrides(tiny, out, **{**args, "train.steps": 3})).returncode == 0
+    ck = out / "checkpoints"
+    # a few bytes changed in the newest checkpoint's shards: resume=auto says so and continues from the one before
+    shard = next(p for p in checkpoint._files(str(ck / "step_00000003")) if p.endswith(".distcp"))
+    with open(ck / "step_00000003" / shard, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    r = run(overrides(tiny, out, **args))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"checkpoint {ck / 'step_00000003'} is damaged ({shard} does not match" in r.stdout
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    # a crafted DCP metadata file, checksums resealed: refused before anything in it runs
+    proof = tmp_path / "code_ran"
+    newest = ck / "step_00000004"
+    with open(newest / "shards" / safe_dcp.METADATA, "wb") as f:
+        pickle.dump(_RunsCode(proof), f)
+    _reseal(str(newest))
+    r = run(overrides(tiny, out, **{**args, "train.steps": 5}))
+    assert r.returncode != 0 and "refers to posix.system" in r.stderr and "nothing in it was run" in r.stderr
+    assert not proof.exists()
