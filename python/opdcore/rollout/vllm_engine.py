@@ -100,6 +100,11 @@ class VLLMEngine(RolloutEngine):
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
+        # vLLM's engine core tears down the process groups it made; at interpreter exit that came after the
+        # trainer's own teardown and failed ("Invalid process group specified")
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
         if self.sync_dir is not None:
             shutil.rmtree(self.sync_dir, ignore_errors=True)
 
