@@ -238,3 +238,148 @@ def test_resume_refuses_a_planted_pickle_and_falls_back_from_damage(tiny, tmp_pa
     r = run(overrides(tiny, out, **{**args, "train.steps": 5}))
     assert r.returncode != 0 and "refers to posix.system" in r.stderr and "nothing in it was run" in r.stderr
     assert not proof.exists()
+
+
+def test_degenerate_shapes_get_clear_errors():
+    from opdcore.ops import linear_topk
+    from opdcore.packing import from_padded, to_padded
+
+    with pytest.raises(ValueError, match="weight has no rows"):
+        linear_topk(torch.randn(2, 4), torch.empty(0, 4), 1)
+    cu = torch.tensor([[0, 2, 4]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens must be 1-D \[B \+ 1\].*got shape \(1, 3\)"):
+        to_padded(torch.randn(4), cu)
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        from_padded(torch.randn(2, 2), cu)
+
+
+# ---- the kernel ops: inputs they cannot handle are errors, never silent wrong results --------------------------
+
+def _op_calls():
+    """(name, fn(**tensors), tensors) for every public op that takes several tensors."""
+    from opdcore import ops
+
+    g = torch.Generator().manual_seed(0)
+    N, V, K, H = 3, 40, 4, 8
+    x, t = torch.randn(N, V, generator=g), torch.randn(N, V, generator=g)
+    ids = torch.randint(0, V, (N, K), generator=g)
+    tq = torch.log_softmax(t, -1).gather(1, ids)
+    valid = torch.ones(N, K, dtype=torch.bool)
+    h, w = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+    tw = torch.ones(N)
+    return [
+        ("logprobs_at", lambda logits, ids: ops.logprobs_at(logits, ids), dict(logits=x, ids=ids)),
+        ("linear_topk", lambda hidden, weight: ops.linear_topk(hidden, weight, 2), dict(hidden=h, weight=w)),
+        ("opd_topk_loss", lambda **a: ops.opd_topk_loss(a["logits"], a["ids"], a["tq"], a["valid"]),
+         dict(logits=x, ids=ids, tq=tq, valid=valid)),
+        ("renorm_topk_kl", lambda **a: ops.renorm_topk_kl(a["logits"], a["ids"], a["tq"], a["valid"]),
+         dict(logits=x, ids=ids, tq=tq, valid=valid)),
+        ("opd_topk_loss_linear", lambda **a: ops.opd_topk_loss_linear(a["h"], a["w"], a["ids"], a["tq"], a["valid"]),
+         dict(h=h, w=w, ids=ids, tq=tq, valid=valid)),
+        ("renorm_topk_kl_linear",
+         lambda **a: ops.renorm_topk_kl_linear(a["h"], a["w"], a["ids"], a["tq"], a["valid"]),
+         dict(h=h, w=w, ids=ids, tq=tq, valid=valid)),
+        ("opd_topk_loss_linear_weighted",
+         lambda **a: ops.opd_topk_loss_linear_weighted(a["h"], a["w"], a["ids"], a["tq"], a["tw"], a["valid"]),
+         dict(h=h, w=w, ids=ids, tq=tq, tw=tw, valid=valid)),
+        ("ppo_topk_loss", lambda **a: ops.ppo_topk_loss(a["logits"], a["ids"], a["old"], a["adv"], a["valid"]),
+         dict(logits=x, ids=ids, old=tq, adv=torch.randn(N, K, generator=g), valid=valid)),
+        ("dense_divergence", lambda s, t: ops.dense_divergence(s, t), dict(s=x, t=t)),
+        ("dense_divergence_linear_weighted",
+         lambda **a: ops.dense_divergence_linear_weighted(a["h"], a["w"], a["th"], a["tw_"], a["tw"]),
+         dict(h=h, w=w, th=h.clone(), tw_=w.clone(), tw=tw)),
+        ("build_token_set", lambda s, t: ops.build_token_set(s, t, "union"), dict(s=ids, t=ids.flip(1))),
+    ]
+
+
+@pytest.mark.parametrize("name, fn, tensors", _op_calls(), ids=[c[0] for c in _op_calls()])
+def test_ops_refuse_a_tensor_on_another_device_including_meta(name, fn, tensors):
+    """A meta tensor among real ones used to come back as a result made of uninitialised memory."""
+    fn(**tensors)  # as given: fine
+    for arg in tensors:
+        moved = {k: (v.to("meta") if k == arg else v) for k, v in tensors.items()}
+        with pytest.raises(ValueError, match=r"is on (meta|cpu) but \w+ is on (cpu|meta): every tensor argument must "
+                                             r"be on one device"):
+            fn(**moved)
+
+
+def test_float_ids_are_refused_not_truncated():
+    from opdcore.ops import build_token_set, logprobs_at, opd_topk_loss
+
+    x, ids = torch.randn(2, 10), torch.tensor([[1, 2], [3, 4]])
+    for call in (lambda: build_token_set(ids.float() + 0.6, None), lambda: logprobs_at(x, ids.double()),
+                 lambda: opd_topk_loss(x, ids.float(), torch.full((2, 2), -1.0))):
+        with pytest.raises(TypeError, match="must be an int32 or int64 tensor"):
+            call()
+
+
+@pytest.mark.parametrize("op", ["opd_topk_loss", "renorm_topk_kl", "opd_topk_loss_linear", "ppo_topk_loss"])
+def test_logits_passed_for_teacher_log_probs_are_refused(op):
+    """The top-k losses take log-probs; a positive value at a valid entry means logits (PPO refused it already)."""
+    name, fn, tensors = next(c for c in _op_calls() if c[0] == op)
+    key = "old" if op == "ppo_topk_loss" else "tq"
+    logits_like = tensors[key] + 5.0
+    with pytest.raises(ValueError, match=r"holds a positive log-prob at a valid set entry \(logits instead of "
+                                         r"log-probs\?\) in row 0"):
+        fn(**{**tensors, key: logits_like})
+    invalid_there = tensors["valid"].clone()
+    invalid_there[:] = False  # ... where no entry is valid, the values are never read: accepted
+    fn(**{**tensors, key: logits_like, "valid": invalid_there})
+
+
+def test_stream_state_refuses_overlapping_chunks():
+    from hypothesis import given, settings, strategies as st
+
+    from opdcore.ops import StreamState, topk_logprobs
+
+    x = torch.randn(3, 60)
+    want = topk_logprobs(x, 4)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.integers(1, 59), min_size=1, max_size=5, unique=True), st.integers(0, 59), st.integers(1, 20),
+           st.booleans())
+    def check(cuts, start, width, merge):
+        bounds = [0, *sorted(cuts), 60]
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        a, b = StreamState(3, 4), StreamState(3, 4)
+        for i, (lo, hi) in enumerate(reversed(parts)):  # any order, split between two states
+            (a if i % 2 or not merge else b).update(x[:, lo:hi], lo)
+        if merge:
+            a.merge(b)
+        got = a.finalize()
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.lse, want.lse)
+        end = min(60, start + width)
+        with pytest.raises(ValueError, match="overlapping .* already streamed into this state"):
+            a.update(x[:, start:end], start)  # every id is already in
+        fresh = StreamState(3, 4).update(x[:, start:end], start)
+        with pytest.raises(ValueError, match="overlapping"):
+            a.merge(fresh)
+
+    check()
+
+
+def test_non_differentiable_ops_do_not_promise_a_gradient():
+    from opdcore.ops import StreamState, linear_topk, logprobs_at, topk_logprobs
+
+    x = torch.randn(3, 20, requires_grad=True)
+    h, w = torch.randn(3, 4, requires_grad=True), torch.randn(20, 4, requires_grad=True)
+    outs = [*topk_logprobs(x, 3), *logprobs_at(x, torch.tensor([[1], [2], [3]])), *linear_topk(h, w, 3),
+            *StreamState(3, 2).update(x, 0).finalize()]
+    assert not any(t.requires_grad for t in outs)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e5, 1e6])
+def test_large_common_offsets_keep_log_softmax_accuracy(offset):
+    """Log-probs as (v - max) - log s: at offset 1e6 v - (max + log s) lost 3e-2 that torch.log_softmax keeps."""
+    from opdcore.ops import logprobs_at, opd_topk_loss, topk_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 500, generator=g, dtype=torch.float64) * 3 + offset).float()
+    exact = torch.log_softmax(x.double(), -1)
+    torch_err = (torch.log_softmax(x, -1).double() - exact).abs().max().item()
+    r = topk_logprobs(x, 8)
+    ids = torch.randint(0, 500, (16, 5), generator=g)
+    for got, want in ((r.logprobs, exact.gather(1, r.ids)), (logprobs_at(x, ids)[0], exact.gather(1, ids)),
+                      (opd_topk_loss(x, ids, torch.full((16, 5), -3.0)).student_logprobs, exact.gather(1, ids))):
+        assert (got.double() - want).abs().max().item() <= max(4 * torch_err, 2e-6)

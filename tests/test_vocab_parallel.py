@@ -166,6 +166,23 @@ def _errors_on_every_rank(rank, world):
     dead[1] = float("-inf")
     with pytest.raises(RuntimeError, match="student logits row 1 is entirely -inf over the whole vocabulary"):
         vocab_parallel_dense_divergence(dead[:, off:off + size], x[:, off:off + size])
+    # arguments that differ between ranks: the same clear error everywhere, not a gloo abort on one rank and a
+    # misleading message on the other
+    with pytest.raises(RuntimeError, match=r"ranks disagree on k \(rank by rank: \[4, 5\]\)"):
+        vocab_parallel_topk_logprobs(x[:, off:off + size], 4 + rank)
+    with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns \(rank by rank: \[3, 2\]\)"):
+        vocab_parallel_opd_topk_loss(x[:, off:off + size], ids[:, :3 - rank], tq[:, :3 - rank], valid[:, :3 - rank])
+    with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns"):
+        vocab_parallel_renorm_topk_kl(x[:, off:off + size], ids[:, :3 - rank], tq[:, :3 - rank], valid[:, :3 - rank])
+    with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns"):
+        vocab_parallel_opd_topk_loss_linear_weighted(h, w[off:off + size], ids[:, :3 - rank], tq[:, :3 - rank],
+                                                     torch.ones(n), valid[:, :3 - rank])
+    as_rank = (torch.float32, torch.float64)[rank]
+    with pytest.raises(RuntimeError, match=r"ranks disagree on dtype \(rank by rank: \['torch.float32', "
+                                           r"'torch.float64'\]\)"):
+        vocab_parallel_topk_logprobs(x[:, off:off + size].to(as_rank), 4)
+    with pytest.raises(RuntimeError, match=r"ranks disagree on dtype"):
+        vocab_parallel_dense_divergence(x[:, off:off + size].to(as_rank), x[:, off:off + size].to(as_rank))
     # the process group is still usable afterwards
     got = vocab_parallel_topk_logprobs(x[:, off:off + size], 4)
     assert torch.equal(got.ids, topk_logprobs(x, 4).ids)

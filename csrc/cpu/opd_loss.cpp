@@ -107,10 +107,10 @@ Status opd_topk_loss_forward(const T* logits, int64_t rows, int64_t V, int64_t r
         continue;
       }
       if (mx == neg_inf<A>()) { cpu::record_failure(&status, Status::kAllNegInf, r); continue; }
-      const A l = mx + std::log(s);
+      const A log_s = std::log(s), l = mx + log_s;
       lse[r] = l;
       A* slp = student_lp + r * K;
-      for (int64_t q = 0; q < K; ++q) slp[q] = tv[q] - l;
+      for (int64_t q = 0; q < K; ++q) slp[q] = (tv[q] - mx) - log_s;  // exact at large offsets
       const auto code = row_rewards(K, slp, teacher_lp + r * K, valid + r * K, mode, A(clip), w.data(),
                                     rewards + r * K, loss + r);
       if (code != Status::kOk) cpu::record_failure(&status, code, r);

@@ -60,6 +60,8 @@ Status stream_finalize(const StreamState<A>& st, const StreamResult<A>& out) {
       const auto rr = cpu::row_ref(st, r);
       const A mx = *rr.max;
       if (mx == neg_inf<A>()) { cpu::record_failure(&status, Status::kAllNegInf, r); continue; }
+      // log-probs as (v - max) - log s, not v - (max + log s): at large common offsets of the logits the sum
+      // max + log s rounds away what the difference keeps (torch.log_softmax keeps it too)
       const A log_s = std::log(*rr.s);
       const A lse = mx + log_s;
       if (out.lse) out.lse[r] = lse;
@@ -71,13 +73,13 @@ Status stream_finalize(const StreamState<A>& st, const StreamResult<A>& out) {
         if (items[st.k - 1].second == kEmptyId) { cpu::record_failure(&status, Status::kHeapNotFull, r); continue; }
         for (int64_t j = 0; j < st.k; ++j) {
           if (out.topk_ids) out.topk_ids[r * st.k + j] = items[j].second;
-          if (out.topk_logprobs) out.topk_logprobs[r * st.k + j] = items[j].first - lse;
+          if (out.topk_logprobs) out.topk_logprobs[r * st.k + j] = (items[j].first - mx) - log_s;
         }
       }
       for (int64_t q = 0; q < st.m; ++q) {
         const A v = rr.tv[q];
         if (v != v) { cpu::record_failure(&status, Status::kTargetUnseen, r); break; }
-        if (out.target_logprobs) out.target_logprobs[r * st.m + q] = v - lse;
+        if (out.target_logprobs) out.target_logprobs[r * st.m + q] = (v - mx) - log_s;
       }
     }
   }
@@ -119,10 +121,10 @@ Status topk_logprobs(const T* logits, int64_t rows, int64_t V, int64_t row_strid
                 [](const auto& x, const auto& y) { return cpu::better(x.first, x.second, y.first, y.second); });
       for (int64_t j = 0; j < k; ++j) {
         if (out.topk_ids) out.topk_ids[r * k + j] = items[j].second;
-        if (out.topk_logprobs) out.topk_logprobs[r * k + j] = items[j].first - lse;
+        if (out.topk_logprobs) out.topk_logprobs[r * k + j] = (items[j].first - mx) - log_s;
       }
       for (int64_t q = 0; q < rr.m; ++q)
-        if (out.target_logprobs) out.target_logprobs[r * m + q] = tv[q] - lse;
+        if (out.target_logprobs) out.target_logprobs[r * m + q] = (tv[q] - mx) - log_s;
     }
   }
   return status;

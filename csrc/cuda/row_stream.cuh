@@ -174,7 +174,7 @@ __device__ void finalize_row(const FinalArgs<A>& f, int64_t r, int k_out, int64_
     if (tid == 0) record_status(status, Status::kAllNegInf, r);
     return;
   }
-  const A log_s = acc_log(s), lse = mx + log_s;
+  const A log_s = acc_log(s), lse = mx + log_s;  // log-probs as (v - max) - log s: exact at large offsets
   if (tid == 0) {
     if (f.out.lse) f.out.lse[r] = lse;
     if (f.out.entropy) f.out.entropy[r] = amax(A(0), log_s - t / s);
@@ -186,13 +186,13 @@ __device__ void finalize_row(const FinalArgs<A>& f, int64_t r, int k_out, int64_
   for (int j = tid; j < k_out; j += blockDim.x) {
     const GKey<A> e = top(j);
     if (f.out.topk_ids) f.out.topk_ids[r * k_out + j] = e.id;
-    if (f.out.topk_logprobs) f.out.topk_logprobs[r * k_out + j] = e.v - lse;
+    if (f.out.topk_logprobs) f.out.topk_logprobs[r * k_out + j] = (e.v - mx) - log_s;
   }
   bool unseen = false;
   for (int64_t q = tid; q < m; q += blockDim.x) {
     const A y = target(q);
     unseen |= y != y;
-    if (f.out.target_logprobs) f.out.target_logprobs[r * m + q] = y - lse;
+    if (f.out.target_logprobs) f.out.target_logprobs[r * m + q] = (y - mx) - log_s;
   }
   if (f.check_targets_seen && __syncthreads_or(unseen)) {
     if (tid == 0) record_status(status, Status::kTargetUnseen, r);

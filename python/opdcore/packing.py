@@ -59,6 +59,9 @@ def _check_pair(x: torch.Tensor, name: str, cu_seqlens: torch.Tensor) -> None:
         raise TypeError(f"cu_seqlens must be an int32 tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.device != x.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {x.device}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1] (sequence start offsets, then the total), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
 
 
 def to_padded(packed: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None,

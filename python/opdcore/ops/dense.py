@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
-from opdcore.ops._device import check_device
+from opdcore.ops._device import check_device, check_devices
 from opdcore.ops.topk import _check_weighted
 
 _ops = torch.ops.opdcore
@@ -49,7 +49,7 @@ def dense_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     teacher logits are treated as constants. -inf entries are masked tokens; KL is +inf where one side puts mass
     the other cannot reach (JSD stays finite).
     """
-    check_device(student_logits, "student_logits")
+    check_devices(student_logits=student_logits, teacher_logits=teacher_logits)
     return _ops.dense_divergence_fwd(student_logits, teacher_logits.detach(), divergence_index(divergence),
                                      float(beta), float(temperature))[0]
 
@@ -99,7 +99,8 @@ def dense_divergence_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor,
     (teacher_hidden @ teacher_weight.T) * teacher_logit_scale, never holding more than one [rows, V] block of
     each (rows = max_block_elements // V). For trainers that know each token's weight in the final loss up front
     (token-mean): the gradient to hidden and weight is formed during the forward. The teacher is a constant."""
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, teacher_hidden=teacher_hidden,
+                  teacher_weight=teacher_weight, token_weights=token_weights)
     for name, t, ref in (("hidden", hidden, 2), ("teacher_hidden", teacher_hidden, 2), ("weight", weight, 2),
                          ("teacher_weight", teacher_weight, 2)):
         if t.dim() != ref:

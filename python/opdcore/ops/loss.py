@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
-from opdcore.ops._device import check_device
+from opdcore.ops._device import check_device, check_devices
 from opdcore.ops.topk import StreamState, _as_long, _check_linear, _check_weighted, iter_head_chunks
 
 _ops = torch.ops.opdcore
@@ -32,8 +32,9 @@ class OPDLoss(NamedTuple):
     lse: torch.Tensor  # [N]
 
 
-def _prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_logprobs"):
-    """(ids, the per-entry values named `name`, valid) checked against each other and the row count."""
+def _prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_logprobs", logprobs: bool = True):
+    """(ids, the per-entry values named `name`, valid) checked against each other and the row count; logprobs:
+    the values are log-probs (a positive one at a valid entry means logits were passed: an error)."""
     ids = _as_long(ids, "ids")
     if valid is None:
         valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
@@ -41,6 +42,13 @@ def _prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_l
         raise ValueError(f"{name} must have the shape of ids {tuple(ids.shape)}, got {tuple(teacher_logprobs.shape)}")
     if ids.dim() != 2 or ids.shape[0] != rows:
         raise ValueError(f"ids must be [N={rows}, K], got {tuple(ids.shape)}")
+    capturing = teacher_logprobs.is_cuda and torch.cuda.is_current_stream_capturing()  # no sync inside a graph
+    if logprobs and valid.shape == ids.shape and valid.dtype == torch.bool and teacher_logprobs.is_floating_point() \
+            and not capturing:
+        bad = valid & (teacher_logprobs > 1e-3)  # rounding may leave +1e-7 on a log-prob of 1, not more
+        if bool(bad.any()):
+            raise ValueError(f"{name} holds a positive log-prob at a valid set entry (logits instead of "
+                             f"log-probs?) in row {int(bad.nonzero()[0, 0])}")
     return ids, teacher_logprobs.detach(), valid
 
 
@@ -79,16 +87,19 @@ torch.library.register_autograd("opdcore::opd_topk_loss_fwd", _loss_backward, se
 
 def opd_topk_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                   valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p", temperature: float = 1.0,
-                  log_ratio_clip: float = 0.0) -> OPDLoss:
+                  log_ratio_clip: float = 0.0, check_logprobs: bool = True) -> OPDLoss:
     """Per-token top-k OPD loss: loss_t = -sum_{v in set} sg(r_t(v)) log p_t(v), r = -w (log p - log q).
 
     student_logits [N, V] (float32/bfloat16/float16/float64), ids [N, K] (the token set, see build_token_set),
     teacher_logprobs [N, K] full-vocabulary log q at ids, valid [N, K] bool (default: all). The backward
     writes d loss / d logits in one pass over the vocabulary without storing the softmax.
-    Sampled-token OPD (METHOD.md 2.1) is K = 1 with weight_mode="none".
+    Sampled-token OPD (METHOD.md 2.1) is K = 1 with weight_mode="none". check_logprobs=False accepts any finite
+    teacher values (a positive one is otherwise taken for logits passed by mistake): the trainer's hybrid outcome
+    term passes log p_rollout + A.
     """
-    check_device(student_logits, "student_logits")
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0] if student_logits.dim() else -1)
+    check_devices(student_logits=student_logits, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0] if student_logits.dim() else -1,
+                                  logprobs=check_logprobs)
     return OPDLoss(*_ops.opd_topk_loss_fwd(student_logits, ids, tq, valid, weight_mode_index(weight_mode),
                                            float(temperature), float(log_ratio_clip)))
 
@@ -116,7 +127,7 @@ def renorm_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp
 
     Exact gradient; the full-vocabulary normaliser cancels, so only the K set logits are read.
     """
-    check_device(student_logits, "student_logits")
+    check_devices(student_logits=student_logits, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0])
@@ -172,7 +183,7 @@ def opd_topk_loss_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
 
     Peak extra memory is O(N * chunk_size) instead of O(N * V); gradients flow to hidden and weight.
     """
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
     chunk = _check_linear(hidden, weight, chunk_size)
     ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
@@ -190,7 +201,7 @@ def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
                           temperature: float = 1.0, max_block_elements: int = 1 << 22) -> torch.Tensor:
     """renorm_topk_kl on logits = hidden @ weight.T: only K dot products per token, the K head rows gathered
     for at most max_block_elements / (K * H) rows at a time (a cache-sized workspace: 16 MiB in float32)."""
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
     _check_linear(hidden, weight, None)
     ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
@@ -347,16 +358,17 @@ def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
                                   teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
                                   valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
                                   temperature: float = 1.0, log_ratio_clip: float = 0.0,
-                                  max_block_elements: int = 1 << 24):
+                                  max_block_elements: int = 1 << 24, check_logprobs: bool = True):
     """(sum_t token_weights[t] * loss_t, OPDLoss) on logits = hidden @ weight.T, never holding [N, V].
 
     For trainers that know each token's weight in the final loss before the forward (token-mean: 1/N_tok):
     the gradient is formed during the forward, so the head matmul runs three times instead of four. Peak extra
     memory is one [rows, V] block of at most max_block_elements logits.
     """
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, ids=ids,
+                  teacher_logprobs=teacher_logprobs, token_weights=token_weights, valid=valid)
     _check_linear(hidden, weight, None)
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0], logprobs=check_logprobs)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
     if log_ratio_clip < 0:

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from opdcore.ops._device import check_device
+from opdcore.ops._device import check_device, check_devices
 from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, _prepare_set
 from opdcore.ops.topk import _as_long, _check_linear
 
@@ -116,8 +116,6 @@ def prepare_ppo(ids, old_logprobs, advantages, valid, rows: int, acc: torch.dtyp
             row = int(bad.nonzero()[0, 0])
             raise ValueError(f"{name} is not finite at a valid set entry (row {row}): the rollout-time student "
                              f"must give every set token a finite log-prob and advantage")
-    if bool((valid & (old > 1e-3)).any()):  # logits passed for log-probs (rounding may leave +1e-7, not more)
-        raise ValueError("old_logprobs holds a positive log-prob at a valid set entry (logits instead of log-probs?)")
     return PPORule(ids.contiguous(), old.detach().to(acc).contiguous(), advantages.detach().to(acc).contiguous(),
                    valid.contiguous(), float(temperature), clip)
 
@@ -132,7 +130,7 @@ def ppo_topk_loss(student_logits: torch.Tensor, ids: torch.Tensor, old_logprobs:
     opdcore.ops.opd_topk_loss(...).rewards). The backward is the OPD loss's one-pass kernel. clip_high defaults
     to clip_low; dual_clip 0 turns the dual clip off.
     """
-    check_device(student_logits, "student_logits")
+    check_devices(student_logits=student_logits, ids=ids, old_logprobs=old_logprobs, advantages=advantages, valid=valid)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
     _check_id_range(ids, student_logits.shape[1])
@@ -149,7 +147,8 @@ def ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
                                   max_block_elements: int = 1 << 24):
     """(sum_t token_weights[t] * loss_t, PPOLoss) of ppo_topk_loss on logits = hidden @ weight.T, gradients formed
     in the forward over row blocks (as opd_topk_loss_linear_weighted: three head matmuls, never [N, V])."""
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, ids=ids,
+                  old_logprobs=old_logprobs, advantages=advantages, token_weights=token_weights, valid=valid)
     _check_linear(hidden, weight, None)
     _check_id_range(ids, weight.shape[0])
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32

@@ -5,6 +5,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from opdcore.ops._device import check_devices
+from opdcore.ops.topk import _as_long
+
 STRATEGIES = ("student", "teacher", "intersection", "union", "symmetric_difference")
 # Names used by the reference verl fork.
 STRATEGY_ALIASES = {
@@ -44,6 +47,11 @@ def build_token_set(student_ids: torch.Tensor, teacher_ids: Optional[torch.Tenso
     teacher_topk_logprobs the teacher's own top-k log-probs; each is needed only where its columns are used.
     """
     s = canonical_strategy(strategy)
+    student_ids = _as_long(student_ids, "student_ids")  # float ids would be truncated silently
+    if teacher_ids is not None:
+        teacher_ids = _as_long(teacher_ids, "teacher_ids")
+    check_devices(student_ids=student_ids, teacher_ids=teacher_ids,
+                  teacher_logprobs_on_student=teacher_logprobs_on_student, teacher_topk_logprobs=teacher_topk_logprobs)
     if student_ids.dim() != 2:
         raise ValueError(f"student_ids must be [N, k], got {tuple(student_ids.shape)}")
     if s != "student":

@@ -5,11 +5,11 @@ Top-k ids are ordered by log-prob descending; ties go to the lower vocabulary id
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from opdcore.ops._device import check_device
+from opdcore.ops._device import check_device, check_devices
 
 _ops = torch.ops.opdcore
 _EMPTY_ID = torch.iinfo(torch.int64).max
@@ -32,15 +32,17 @@ class StreamResult(NamedTuple):
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> TopK:
-    """Top-k ids and log-probs of softmax(logits / temperature), with log-sum-exp and entropy, in one pass."""
+    """Top-k ids and log-probs of softmax(logits / temperature), with log-sum-exp and entropy, in one pass. Not
+    differentiable (the outputs never require grad; the losses below carry gradients)."""
     check_device(logits, "logits")
-    return TopK(*_ops.topk_logprobs(logits, int(k), float(temperature)))
+    return TopK(*_ops.topk_logprobs(logits.detach(), int(k), float(temperature)))
 
 
 def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
-    """Full-vocabulary log-probs at ids [N, m] (and lse [N]) in one pass; ids outside [0, V) are an error."""
-    check_device(logits, "logits")
-    return _ops.logprobs_at(logits, _as_long(ids, "ids"), float(temperature))
+    """Full-vocabulary log-probs at ids [N, m] (and lse [N]) in one pass; ids outside [0, V) are an error. Not
+    differentiable, like topk_logprobs."""
+    check_devices(logits=logits, ids=ids)
+    return _ops.logprobs_at(logits.detach(), _as_long(ids, "ids"), float(temperature))
 
 
 def _as_long(ids: torch.Tensor, name: str) -> torch.Tensor:
@@ -79,23 +81,39 @@ class StreamState:
             raise ValueError("target_ids holds a negative id")
         self.target_ids = target_ids.contiguous()
         self.target_vals = torch.full(target_ids.shape, float("nan"), dtype=dtype, device=device)
+        self.fed: List[Tuple[int, int]] = []  # the vocabulary ranges streamed so far: each id may come once
 
     def _tensors(self):
         return (self.max, self.sumexp, self.ent, self.heap_vals, self.heap_ids, self.target_vals)
 
     def update(self, logits_chunk: torch.Tensor, vocab_offset: int) -> "StreamState":
-        """Feed logits [rows, n] of vocabulary ids [vocab_offset, vocab_offset + n)."""
-        check_device(logits_chunk, "logits chunk")
+        """Feed logits [rows, n] of vocabulary ids [vocab_offset, vocab_offset + n) (not differentiable)."""
+        check_devices(logits_chunk=logits_chunk, state=self.max)
         m, s, e, hv, hi, tv = self._tensors()
-        _ops.stream_update(m, s, e, hv, hi, self.target_ids, tv, logits_chunk, int(vocab_offset), self.temperature)
+        n = logits_chunk.shape[-1] if logits_chunk.dim() else 0
+        fed = self._add_ranges([(int(vocab_offset), int(vocab_offset) + n)], "logits chunk")
+        _ops.stream_update(m, s, e, hv, hi, self.target_ids, tv, logits_chunk.detach(), int(vocab_offset),
+                           self.temperature)
+        self.fed = fed
         return self
 
     def merge(self, other: "StreamState") -> "StreamState":
         """self <- merge(self, other): the states of two disjoint vocabulary ranges."""
         if other.temperature != self.temperature or not torch.equal(other.target_ids, self.target_ids):
             raise ValueError("cannot merge stream states with different temperatures or target ids")
+        fed = self._add_ranges(other.fed, "the merged state")
         _ops.stream_merge(*self._tensors(), *other._tensors())
+        self.fed = fed
         return self
+
+    def _add_ranges(self, ranges, what: str) -> List[Tuple[int, int]]:
+        """self.fed with ranges added; an overlap (ids counted twice: a wrong log-sum-exp) is an error."""
+        for lo, hi in ranges:
+            for a, b in self.fed:
+                if lo < b and a < hi:
+                    raise ValueError(f"{what} covers vocabulary ids [{lo}, {hi}), overlapping [{a}, {b}) already "
+                                     f"streamed into this state: each id must be fed exactly once")
+        return self.fed + [(lo, hi) for lo, hi in ranges if hi > lo]
 
     def finalize(self) -> StreamResult:
         return StreamResult(*_ops.stream_finalize(*self._tensors()))
@@ -112,6 +130,8 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Option
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     if hidden.shape[0] == 0:
         raise ValueError("hidden has no rows (empty batch)")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has no rows (a vocabulary of 0)")
     chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -146,7 +166,7 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature:
     The LM-head matmul runs chunk by chunk into one [N, chunk_size] workspace that the streaming kernel consumes.
     Optionally also returns log-probs at ids [N, m] from the same pass (target_logprobs).
     """
-    check_device(hidden, "hidden")
+    check_devices(hidden=hidden, weight=weight, ids=ids)
     chunk = _check_linear(hidden, weight, chunk_size)
     if ids is not None and ids.numel() and int(ids.max()) >= weight.shape[0]:
         raise ValueError(f"ids holds an id >= vocab size {weight.shape[0]}")

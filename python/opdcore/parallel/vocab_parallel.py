@@ -55,11 +55,33 @@ def _exchange(values: Sequence[int], error: Optional[BaseException], what: str, 
     return table[:, 1:]
 
 
-def _shard_layout(rows: int, cols: int, error: Optional[BaseException], what: str, group) -> Tuple[int, int]:
-    """(this rank's vocabulary offset, total vocabulary) from every rank's [rows, cols] shard."""
-    table = _exchange([rows, cols], error, what, group)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _width(ids) -> int:
+    """The last dimension of an ids argument (-1: none) for the cross-rank agreement."""
+    return ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else -1
+
+
+def _dtype_code(dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else -1
+
+
+def _shard_layout(rows: int, cols: int, error: Optional[BaseException], what: str, group,
+                  **agree: int) -> Tuple[int, int]:
+    """(this rank's vocabulary offset, total vocabulary) from every rank's [rows, cols] shard. agree: numbers
+    every rank must share (k, the set size, the dtype as _dtype_code), checked in the same exchange, so that a
+    mismatch is the same clear error on every rank instead of a collective of mismatched tensors (which aborts
+    gloo and hangs NCCL)."""
+    table = _exchange([rows, cols, *agree.values()], error, what, group)
     if bool((table[:, 0] != rows).any()):
         raise RuntimeError(f"{what}: ranks disagree on the number of rows (tokens): {table[:, 0].tolist()}")
+    for j, name in enumerate(agree):
+        col = table[:, 2 + j].tolist()
+        if len(set(col)) > 1:
+            shown = [str(_DTYPES[c]) if 0 <= c < len(_DTYPES) else "other" for c in col] if name == "dtype" else col
+            raise RuntimeError(f"{what}: ranks disagree on {name} (rank by rank: {shown}); every rank must pass "
+                               f"the same")
     sizes = table[:, 1].tolist()
     rank = dist.get_rank(group)
     return int(sum(sizes[:rank])), int(sum(sizes))
@@ -110,7 +132,8 @@ def _stream_shards(what, rows, cols, k, ids, acc, device, temperature, feed, gro
             raise ValueError(f"k must be >= 0, got {k}")
     except (TypeError, ValueError) as e:
         err = e
-    offset, vocab = _shard_layout(rows, cols, err, what, group)
+    offset, vocab = _shard_layout(rows, cols, err, what, group, k=k, ids_columns=_width(ids),
+                                  dtype=_dtype_code(acc))
     state, err = None, None
     try:
         if k > vocab:
@@ -183,13 +206,14 @@ class _VocabParallelSetLoss(torch.autograd.Function):
 
 def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                                  valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
-                                 temperature: float = 1.0, log_ratio_clip: float = 0.0, group=None) -> OPDLoss:
+                                 temperature: float = 1.0, log_ratio_clip: float = 0.0, check_logprobs: bool = True,
+                                 group=None) -> OPDLoss:
     """opd_topk_loss of the full-vocabulary logits whose rank-r shard is logits_shard [N, V_r]; ids are global
     vocabulary ids [N, K] (the same on every rank, like teacher_logprobs and valid). The loss is replicated on
     every rank; the gradient goes to each rank's own shard."""
     if logits_shard.dim() != 2:
         raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
-    ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
+    ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0], logprobs=check_logprobs)
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
@@ -211,7 +235,7 @@ class _VocabParallelWeightedLinearSetLoss(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, cols, ids = hidden.shape[0], weight_shard.shape[0], rule.ids
-        offset, vocab = _shard_layout(N, cols, None, what, group)
+        offset, vocab = _shard_layout(N, cols, None, what, group, ids_columns=_width(ids), dtype=_dtype_code(acc))
         _exchange([], _first_error(lambda: _check_ids(ids, vocab, "ids")), what, group)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight_shard.shape, dtype=acc, device=weight_shard.device) if need_w else None
@@ -262,7 +286,7 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
                                                  valid: Optional[torch.Tensor] = None, *,
                                                  weight_mode: str = "student_p", temperature: float = 1.0,
                                                  log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24,
-                                                 group=None):
+                                                 check_logprobs: bool = True, group=None):
     """opd_topk_loss_linear_weighted with the LM head split by vocabulary rows (weight_shard [V_r, H] on rank r;
     hidden, ids, teacher_logprobs, valid, token_weights the same on every rank): (sum_t token_weights[t] *
     loss_t, OPDLoss), replicated. Never holds more than one [rows, V_r] block of logits; per block the ranks
@@ -276,7 +300,8 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
         _check_weighted(hidden, token_weights, max_block_elements)
         if log_ratio_clip < 0:
             raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
-        return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0])
+        return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0],
+                                  logprobs=check_logprobs)
 
     ids, tq, valid = _checked_everywhere(check, what, group)
     rule = _loss.OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
@@ -374,7 +399,8 @@ def vocab_parallel_renorm_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor,
     except (TypeError, ValueError) as e:
         err = e
     rows, cols = (logits_shard.shape[0], logits_shard.shape[1]) if logits_shard.dim() == 2 else (-1, -1)
-    offset, vocab = _shard_layout(rows, cols, err, what, group)
+    offset, vocab = _shard_layout(rows, cols, err, what, group, ids_columns=_width(ids),
+                                  dtype=_dtype_code(logits_shard.dtype))
     try:
         _check_ids(ids, vocab, "ids")
     except ValueError as e:
@@ -411,7 +437,7 @@ class _VocabParallelDense(torch.autograd.Function):
         except (RuntimeError, ValueError, TypeError) as e:
             err = e
         rows, cols = (s_shard.shape[0], s_shard.shape[1]) if s_shard.dim() == 2 else (-1, -1)
-        _shard_layout(rows, cols, err, what, group)
+        _shard_layout(rows, cols, err, what, group, dtype=_dtype_code(s_shard.dtype))
         parts = [torch.empty_like(lse, device=_comm_device(group)) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, lse.to(_comm_device(group)), group=group)
         glob = torch.logsumexp(torch.stack(parts), dim=0).to(s_shard.device)  # the same on every rank

@@ -208,7 +208,7 @@ class SetLossHead:
         self.hidden, self.weight, self.logits, self.group = hidden, weight, logits, group
 
     def weighted(self, ids, token_weights, valid=None, *, temperature, teacher_logprobs=None, weight_mode="none",
-                 log_ratio_clip=0.0, ppo=None):
+                 log_ratio_clip=0.0, ppo=None, check_logprobs=True):
         tp = {} if self.group is None else {"group": self.group}
         if ppo is not None:
             old, adv, clip = ppo
@@ -218,7 +218,8 @@ class SetLossHead:
                             else (ppo_topk_loss_linear_weighted, ppo_topk_loss))
         else:
             args = (ids, teacher_logprobs)
-            opts = dict(weight_mode=weight_mode, temperature=temperature, log_ratio_clip=log_ratio_clip, **tp)
+            opts = dict(weight_mode=weight_mode, temperature=temperature, log_ratio_clip=log_ratio_clip,
+                        check_logprobs=check_logprobs, **tp)
             fused, plain = ((P.vocab_parallel_opd_topk_loss_linear_weighted, P.vocab_parallel_opd_topk_loss) if tp
                             else (opd_topk_loss_linear_weighted, opdcore.opd_topk_loss))
         if self.logits is None:
@@ -255,7 +256,7 @@ def _outcome_loss(head: SetLossHead, kw):
         return head.weighted(sampled, weights, temperature=kw["temperature"],
                              ppo=(lp_rollout[:, None], adv[:, None], ppo.clip))[0]
     return head.weighted(sampled, weights, temperature=kw["temperature"],
-                         teacher_logprobs=(lp_rollout + adv)[:, None])[0]
+                         teacher_logprobs=(lp_rollout + adv)[:, None], check_logprobs=False)[0]
 
 
 def _gather_vocab_shards(head, _inputs, logits_shard):
