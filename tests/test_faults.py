@@ -1,6 +1,7 @@
 """Faults a user meets: untrusted or damaged checkpoints, full disks, settings that could only fail mid-run.
 Each test failed before its fix."""
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -88,7 +89,7 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path):
         _load_shards(path)
     assert not proof.exists()
     # ... and metadata that points outside its folder
-    md = pickle.loads(original)
+    md = safe_dcp._MetadataUnpickler(io.BytesIO(original)).load()  # the checked reader reads an intact one
     key = next(iter(md.storage_data))
     md.storage_data[key] = dataclasses.replace(md.storage_data[key], relative_path="../../elsewhere.distcp")
     with open(meta, "wb") as f:

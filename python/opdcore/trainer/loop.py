@@ -53,6 +53,11 @@ def changed_settings(saved, current) -> list:
     return out
 
 
+def describe_changes(changed) -> str:
+    """changed_settings' result in words."""
+    return "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed)
+
+
 def _threads(cfg: Config) -> int:
     n = cfg.train.threads or max(1, (os.cpu_count() or 1) // dist.local_world())
     torch.set_num_threads(n)
@@ -276,7 +281,7 @@ class Trainer:
                 changed = [("config.json", "missing or unreadable", "")]
             if not changed:
                 return
-            why = "other settings (" + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed[:4]) + ")"
+            why = f"other settings ({describe_changes(changed)})"
         if not t.overwrite:
             raise ValueError(f"train.output_dir={self.out} holds another run ({', '.join(found)}) and this run "
                              f"would not continue it: {why}. Choose another train.output_dir, or set "
@@ -311,9 +316,8 @@ class Trainer:
         changed = changed_settings(state.get("config"), to_dict(self.cfg))
         if changed:
             raise ValueError(f"train.resume: the checkpoint {path} was written by a run with other settings ("
-                             + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in changed)
-                             + "); restore them to continue that run, or start a new one in another "
-                             "train.output_dir (or move that run aside with train.resume=never "
+                             f"{describe_changes(changed)}); restore them to continue that run, or start a new one "
+                             "in another train.output_dir (or move that run aside with train.resume=never "
                              "train.overwrite=true)")
         if "model" in state:  # a single-process checkpoint of opdcore <= 0.1: model and optimizer in trainer.pt
             if self.sharded:
