@@ -200,8 +200,9 @@ def test_a_new_run_never_prunes_or_mixes_with_another_run(tiny, tmp_path):
     out = tmp_path / "run"
     assert run(overrides(tiny, out, **{"train.steps": 4})).returncode == 0
     r = run(overrides(tiny, out, **{"train.steps": 2, "train.resume": "never"}))
-    assert r.returncode != 0 and "holds another run (config.json, metrics.jsonl, checkpoints, final) and this run " \
+    assert r.returncode == 2 and "holds another run (config.json, metrics.jsonl, checkpoints, final) and this run " \
         "would not continue it: train.resume=never" in r.stderr and "train.overwrite=true" in r.stderr
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr  # a setup error is a message
     # resume=auto into a run of other settings is refused too (and nothing of it was touched)
     r = run(overrides(tiny, out, **{"train.steps": 2, "loss.topk": 4}))
     assert r.returncode != 0 and "loss.topk: 8 then, 4 now" in r.stderr

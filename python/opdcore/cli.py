@@ -55,7 +55,14 @@ def main(argv=None) -> int:
 
     from opdcore.trainer import dist
 
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, OSError) as e:  # bad data, models, output folder or checkpoint: said before any step
+        if os.environ.get("OPDCORE_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}\n(OPDCORE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        dist.shutdown()
+        return 2
     try:
         trainer.run()
     finally:
