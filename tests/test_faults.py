@@ -212,6 +212,22 @@ def test_a_new_run_never_prunes_or_mixes_with_another_run(tiny, tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
     assert len(aside) == 1 and [m["step"] for m in metrics(aside[0])] == [1, 2, 3, 4]
     assert [m["step"] for m in metrics(out)] == [1, 2] and os.listdir(out / "checkpoints") == ["step_00000002"]
+    # under torchrun rank 0 decides for all: every rank refuses (no rank left waiting), or all move on together
+    import subprocess
+    import sys
+
+    from tiny_setup import TRAIN
+
+    def torchrun(**extra):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                               "--master-port=29611", TRAIN, *overrides(tiny, out, **{"train.steps": 2, **extra})],
+                              capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+
+    r = torchrun(**{"train.resume": "never"})
+    assert r.returncode != 0 and r.stderr.count("holds another run") == 2
+    r = torchrun(**{"train.resume": "never", "train.overwrite": True})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]) == 2
 
 
 def test_resume_refuses_a_planted_pickle_and_falls_back_from_damage(tiny, tmp_path):

@@ -265,13 +265,32 @@ class Trainer:
         that run's checkpoints (the higher step numbers survive), mix both in metrics.jsonl, and a later
         resume=auto would load the other run. Refused, unless train.overwrite moves the other run aside. A
         folder whose run restarts from the beginning with the same settings (killed before its first checkpoint)
-        is its own: its metric rows are replaced."""
+        is its own: its metric rows are replaced. Rank 0 looks and decides, so that every rank acts alike."""
+        conflict = dist.broadcast_object(self._other_run() if dist.is_main() else None)
+        if conflict is None:
+            return
+        if not self.cfg.train.overwrite:
+            raise ValueError(f"train.output_dir={self.out} {conflict}. Choose another train.output_dir, or set "
+                             f"train.overwrite=true to move that run aside first")
+        if dist.is_main():
+            import time
+
+            aside = base = f"{os.path.normpath(self.out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+            n = 1
+            while os.path.exists(aside):  # replaced twice within a second
+                aside, n = f"{base}-{n}", n + 1
+            os.replace(self.out, aside)
+            print(f"train.overwrite: the run that was in {self.out} is now in {aside}")
+        dist.barrier()
+
+    def _other_run(self) -> Optional[str]:
+        """Why output_dir holds a run this one would not continue, or None."""
         t = self.cfg.train
-        root = os.path.join(self.out, "checkpoints")
         found = [n for n in ("config.json", "metrics.jsonl", "checkpoints", "final") if
                  os.path.exists(os.path.join(self.out, n))]
-        if not found or t.resume not in ("auto", "never") or (t.resume == "auto" and checkpoint.complete(root)):
-            return  # nothing there, or resuming (an explicit checkpoint, or the folder's own: checked on load)
+        if not found or t.resume not in ("auto", "never") or \
+                (t.resume == "auto" and checkpoint.complete(os.path.join(self.out, "checkpoints"))):
+            return None  # nothing there, or resuming (an explicit checkpoint, or the folder's own: checked on load)
         why = f"train.resume={t.resume}"
         if t.resume == "auto":
             try:
@@ -280,19 +299,9 @@ class Trainer:
             except (OSError, ValueError):
                 changed = [("config.json", "missing or unreadable", "")]
             if not changed:
-                return
+                return None
             why = f"other settings ({describe_changes(changed)})"
-        if not t.overwrite:
-            raise ValueError(f"train.output_dir={self.out} holds another run ({', '.join(found)}) and this run "
-                             f"would not continue it: {why}. Choose another train.output_dir, or set "
-                             f"train.overwrite=true to move that run aside first")
-        if dist.is_main():
-            import time
-
-            aside = f"{os.path.normpath(self.out)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.replace(self.out, aside)
-            print(f"train.overwrite: the run that was in {self.out} is now in {aside}")
-        dist.barrier()
+        return f"holds another run ({', '.join(found)}) and this run would not continue it: {why}"
 
     def _maybe_resume(self) -> bool:
         """Load train.resume's checkpoint, if any; True when resumed."""
