@@ -62,6 +62,11 @@ def test_single_process_run(tiny, tmp_path, extra):
     if extra.get("loss.topk", 8):
         assert all(-1e-6 <= m["overlap_ratio"] <= 1 and m["overlap_advantage"] <= 1e-6 for m in rows)
         assert all(0 <= m["overlap_mass_student"] <= m["student_topk_mass"] + 1e-5 for m in rows)
+        # METHOD.md 2.3: the reward-weighted top-k loss warns once when it drains the student's own top-k
+        assert all(m["student_topk_lbar"] == m["student_topk_lbar"] for m in rows)
+        weighted = not extra.get("loss.renorm_kl") and extra.get("loss.dense", "none") == "none"
+        draining = any(m["student_topk_mass"] < 0.9 and m["student_topk_lbar"] > 0.05 for m in rows)
+        assert r.stdout.count("set-mass drift") == int(weighted and draining)
     with open(out / "positions.jsonl") as f:
         prof = [json.loads(line) for line in f]
     assert [p["step"] for p in prof] == [1, 2, 3]

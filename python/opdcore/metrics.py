@@ -78,6 +78,30 @@ def overlap_advantage(student_ids: torch.Tensor, student_logprobs: torch.Tensor,
     return torch.where(has, a.sum(1) / count.clamp(min=1), torch.zeros_like(a[:, 0])), has
 
 
+def set_mass_drift(set_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lbar, KL(pbar || qbar)) per position ([R] each) for a token set with the student's and teacher's
+    full-vocabulary log-probs on it (METHOD.md 2.3): lbar = sum_S pbar (log p - log q) = KL(pbar || qbar) +
+    log(P_S / Q_S). The student_p-weighted top-k loss's gradient is grad KL(pbar || qbar) + lbar * grad log P_S:
+    where lbar > 0 every descent step lowers the student's mass P_S on its own set, the drift that collapses
+    small-vocabulary students. Positions with an empty set give 0."""
+    if set_logprobs.shape != teacher_logprobs.shape or set_logprobs.dim() != 2:
+        raise ValueError(f"set_logprobs and teacher_logprobs must be one [R, K] shape, got "
+                         f"{tuple(set_logprobs.shape)} and {tuple(teacher_logprobs.shape)}")
+    ninf = torch.full((), -math.inf, dtype=set_logprobs.dtype, device=set_logprobs.device)
+    lp = set_logprobs if valid is None else torch.where(valid, set_logprobs, ninf)
+    lq = teacher_logprobs if valid is None else torch.where(valid, teacher_logprobs, ninf)
+    log_p_mass, log_q_mass = lp.logsumexp(1), lq.logsumexp(1)
+    pbar = (lp - log_p_mass[:, None]).exp()
+    has = torch.isfinite(log_p_mass)
+    kl = torch.where(torch.isfinite(lp), pbar * ((lp - log_p_mass[:, None]) - (lq - log_q_mass[:, None])),
+                     torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(1)
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    kl = torch.where(has, kl, zero)
+    lbar = torch.where(has, kl + log_p_mass - log_q_mass, zero)
+    return lbar, kl
+
+
 def entropy_gap(teacher_entropy: torch.Tensor, student_entropy: torch.Tensor) -> torch.Tensor:
     """|H(q_t) - H(p_t)| per position (the gap at each position, not the gap of the averages)."""
     _check_aligned("student_entropy", student_entropy, "teacher_entropy", teacher_entropy)

@@ -529,6 +529,7 @@ class Trainer:
             self.probe()
         while self.step < cfg.train.steps:
             m = self.train_step()
+            self._warn_set_mass_drift(m)
             if self.step % cfg.train.log_every == 0:
                 self.log.log(self.step, m)
                 self.log.log_profile(self.step, self.last_profile)
@@ -558,6 +559,20 @@ class Trainer:
             if png:
                 print(f"curves: {png}")
         return final
+
+    def _warn_set_mass_drift(self, m: Dict[str, float]) -> None:
+        """Say once when the reward-weighted top-k loss is in the regime where it drains the student's own top-k
+        (METHOD.md 2.3: lbar > 0 with a top-k mass well below 1, as on small vocabularies)."""
+        lo = self.cfg.loss
+        if getattr(self, "_drift_warned", False) or lo.topk == 0 or lo.renorm_kl or lo.dense != "none":
+            return
+        mass, lbar = m.get("student_topk_mass", 1.0), m.get("student_topk_lbar", 0.0)
+        if mass < 0.9 and lbar > 0.05:
+            self._drift_warned = True
+            self.log.message(f"step {self.step}: set-mass drift: the student's top-{lo.topk} holds {mass:.2f} of its "
+                             f"probability and lbar = {lbar:+.3f} > 0, so each step of the reward-weighted top-k "
+                             f"loss lowers that mass (METHOD.md 2.3); loss.renorm_kl=true minimises the "
+                             f"renormalised KL without that term")
 
     def close(self) -> None:
         """Release the rollout engine's resources (vLLM's weight-sync folder)."""

@@ -54,6 +54,8 @@ def _per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
             # only sees this mass, and leaks the rest when it is far from 1
             "student_topk_mass": (sc.student_logprobs.logsumexp(-1).exp(), None),
             "teacher_mass_on_student_topk": (sc.teacher_on_student_lp.logsumexp(-1).exp(), None),
+            # METHOD.md 2.3: where this is > 0, the reward-weighted top-k loss lowers the student's top-k mass
+            "student_topk_lbar": (D.set_mass_drift(sc.student_logprobs, sc.teacher_on_student_lp)[0], None),
         })
     return out
 
