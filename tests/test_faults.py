@@ -179,6 +179,10 @@ def test_metrics_rows_after_the_resumed_step_are_replaced(tmp_path):
         f.write('{"step": 5, "kind": "tr')  # cut short by a kill
     MetricsLogger(str(tmp_path), 10, 2, tensorboard=False, progress=False, keep_through=2)
     assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [0, 0, 1, 1, 2, 2]
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # killed just before a row's newline
+        f.write('{"step": 2, "kind": "probe"}')
+    MetricsLogger(str(tmp_path), 10, 2, tensorboard=False, progress=False, keep_through=2).log(3, {"loss": 1.0})
+    assert [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")] == [0, 0, 1, 1, 2, 2, 2, 3]
     MetricsLogger(str(tmp_path), 10, 0, tensorboard=False, progress=False, keep_through=-1)  # a restart
     assert open(tmp_path / "metrics.jsonl").read() == ""
 

@@ -84,7 +84,7 @@ def _truncate(path: str, keep_through: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):  # a row cut short by a kill mid-write
             continue
-    if len(kept) == len(lines):
+    if kept == lines:  # (a last row without its newline is rewritten with one)
         return
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
