@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from opdcore.cli import SYNTHETIC_PRESET
+from opdcore.config import SYNTHETIC_PRESET
 from opdcore.config import load_config
 from opdcore.ops import StreamResult
 from opdcore.trainer.loop import Trainer

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from opdcore import cli
+from opdcore.commands import train as cli
 from opdcore.config import ConfigError, Config, help_text, load_config, to_dict
 
 

@@ -183,3 +183,45 @@ def test_set_mass_drift_decomposes_the_reward_weighted_gradient():
     want0, _ = set_mass_drift(lp.detach()[:1, 1:], lq[:1, 1:])
     torch.testing.assert_close(lbar_m[0], want0[0])
     assert lbar_m[1] == 0 and kl_m[1] == 0 and torch.isfinite(lbar_m).all()
+
+
+def test_drift_gradient_norms_match_autograd():
+    """The two parts of the reward-weighted set loss's logit gradient, lbar * grad log P and grad KL(pbar || qbar),
+    against autograd in float64: over the whole vocabulary with tail_sq, over the set's logits without it."""
+    from opdcore.metrics import drift_gradient_norms, drift_share, set_mass_drift
+
+    g = torch.Generator().manual_seed(5)
+    R, V, K = 6, 40, 7
+    z = torch.randn(R, V, generator=g, dtype=torch.float64, requires_grad=True)
+    lq_full = torch.log_softmax(2 * torch.randn(R, V, generator=g, dtype=torch.float64), -1)
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(R)])
+    lp_full = torch.log_softmax(z, -1)
+    lp, lq = lp_full.gather(1, ids), lq_full.gather(1, ids)
+    lbar, _ = set_mass_drift(lp.detach(), lq)
+    log_pbar = lp - lp.logsumexp(1, keepdim=True)
+    kl = (log_pbar.exp() * (log_pbar - (lq - lq.logsumexp(1, keepdim=True)))).sum()
+    (g_kl,) = torch.autograd.grad(kl, z, retain_graph=True)
+    (g_drift,) = torch.autograd.grad(lp.logsumexp(1), z, grad_outputs=lbar)
+    in_set = torch.zeros(R, V, dtype=torch.bool).scatter_(1, ids, True)
+    p = lp_full.detach().exp()
+    tail_sq = torch.where(in_set, torch.zeros_like(p), p).square().sum(1)
+    d, k = drift_gradient_norms(lp.detach(), lq, tail_sq=tail_sq)
+    torch.testing.assert_close(d, g_drift.square().sum(1))
+    torch.testing.assert_close(k, g_kl.square().sum(1))
+    d_set, k_set = drift_gradient_norms(lp.detach(), lq)
+    torch.testing.assert_close(d_set, torch.where(in_set, g_drift, 0.0).square().sum(1))
+    torch.testing.assert_close(k_set, k)
+    share = drift_share(d, k)
+    assert 0 < share < 1
+    assert share == pytest.approx(g_drift.norm().item() / (g_drift.norm().item() + g_kl.norm().item()))
+    # the exact renormalised KL has no drift; a teacher equal to the student on the set gives no gradient at all
+    same = drift_gradient_norms(lp.detach(), lp.detach())
+    assert float(same[0].max()) < 1e-24 and float(same[1].max()) < 1e-24
+    assert math.isnan(drift_share(*same)) or drift_share(*same) < 1e-6
+    # masked entries count as outside the set's computation; an all-masked position gives 0
+    valid = torch.ones(R, K, dtype=torch.bool)
+    valid[0] = False
+    dm, km = drift_gradient_norms(lp.detach(), lq, valid)
+    assert dm[0] == 0 and km[0] == 0 and torch.allclose(dm[1:], d_set[1:])
+    with pytest.raises(ValueError, match="tail_sq"):
+        drift_gradient_norms(lp.detach(), lq, tail_sq=tail_sq[:2])

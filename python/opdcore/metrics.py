@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 __all__ = ["topk_overlap", "overlap_mass", "overlap_advantage", "entropy_gap", "sequence_mean_reward", "auroc",
-           "gap_recovery", "position_profile", "largest_reward_token", "ppo_clip_counts"]
+           "gap_recovery", "position_profile", "largest_reward_token", "ppo_clip_counts", "set_mass_drift",
+           "drift_gradient_norms", "drift_share"]
 
 
 def _check_topk(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:
@@ -100,6 +101,39 @@ def set_mass_drift(set_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
     kl = torch.where(has, kl, zero)
     lbar = torch.where(has, kl + log_p_mass - log_q_mass, zero)
     return lbar, kl
+
+
+def drift_gradient_norms(set_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor,
+                         valid: Optional[torch.Tensor] = None,
+                         tail_sq: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(|g_drift|^2, |g_kl|^2) per position ([R] each, float64): the squared norms, with respect to the student's
+    logits, of the two parts of the student_p-weighted top-k loss's gradient (METHOD.md 2.3), lbar * grad log P_S
+    and grad KL(pbar || qbar). On the set g_kl = pbar (l - lbar) and g_drift = lbar (pbar - p); off the set g_kl
+    is 0 and g_drift = -lbar p, whose squared norm needs tail_sq = sum over ids outside the set of p^2 ([R]);
+    without it (None) the norms are over the set's logits only. Squared norms, so callers add positions and ranks
+    before forming drift_share."""
+    lbar, _ = set_mass_drift(set_logprobs, teacher_logprobs, valid)
+    lp, lq = set_logprobs.double(), teacher_logprobs.double()
+    use = torch.isfinite(lp) & torch.isfinite(lq) if valid is None else valid & torch.isfinite(lp) & torch.isfinite(lq)
+    zero = torch.zeros((), dtype=torch.float64, device=lp.device)
+    p = torch.where(use, lp.exp(), zero)
+    pbar = p / p.sum(1, keepdim=True).clamp(min=torch.finfo(torch.float64).tiny)
+    l = torch.where(use, lp - lq, zero)
+    lb = lbar.double()[:, None]
+    drift = (lb * (pbar - p)).square().sum(1)
+    if tail_sq is not None:
+        _check_aligned("tail_sq", tail_sq, "lbar", lbar)
+        drift = drift + lbar.double().square() * tail_sq.double()
+    kl = torch.where(use, pbar * (l - lb), zero).square().sum(1)
+    return drift, kl
+
+
+def drift_share(drift_sq: torch.Tensor, kl_sq: torch.Tensor) -> float:
+    """|g_drift| / (|g_drift| + |g_kl|) over all positions given (sums of drift_gradient_norms): the share of the
+    reward-weighted top-k loss's gradient that only moves the student's mass on its own set (0: none, the exact
+    renormalised KL; near 1: the update mostly drains or fills the set). NaN without gradient."""
+    d, k = float(drift_sq.double().sum()) ** 0.5, float(kl_sq.double().sum()) ** 0.5
+    return d / (d + k) if d + k > 0 else math.nan
 
 
 def entropy_gap(teacher_entropy: torch.Tensor, student_entropy: torch.Tensor) -> torch.Tensor:

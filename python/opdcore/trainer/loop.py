@@ -374,20 +374,28 @@ class Trainer:
         (the update's forward has its own, S.update)."""
         return S.autocast(self.cfg, self.device)
 
-    def train_step(self) -> Dict[str, float]:
-        cfg, timer = self.cfg, M.Timer()
-        idx = next(self.sampler)
+    def sample_and_score(self, idx, timer: M.Timer):
+        """Rollouts of the training prompts `idx`, graded and scored by both models, with the token sets of
+        loss.strategy: (rollouts, correct, extracted answers, micro-batches, scored, sets). What a step does
+        before its update; `opdcore diagnose` stops here."""
+        cfg = self.cfg
         with timer("rollout"), self.compute():  # tensor-parallel peers train on the same rollouts: their first
             rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling()) \
                 if dist.tp_rank() == 0 else None  # rank samples
             rollouts = dist.broadcast_in_tp_group(rollouts)
         correct, preds = self._grade(rollouts, [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts])
-        several = several_updates(cfg)
         with timer("score"), self.compute():
             mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
                                    min_count=cfg.train.mini_batches)
             scored = [S.score(self.student, self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
             sets = [S.token_set(sc, mb, cfg) if mb is not None else None for sc, mb in zip(scored, mbs)]
+        return rollouts, correct, preds, mbs, scored, sets
+
+    def train_step(self) -> Dict[str, float]:
+        cfg, timer = self.cfg, M.Timer()
+        rollouts, correct, preds, mbs, scored, sets = self.sample_and_score(next(self.sampler), timer)
+        several = several_updates(cfg)
+        with timer("score"), self.compute():
             # several updates per batch: PPO surrogates against the student that scored the rollouts
             policy = [S.policy_terms(self.student, mb, sc, ts, cfg) if mb is not None else None
                       for mb, sc, ts in zip(mbs, scored, sets)] if several else None
@@ -571,7 +579,9 @@ class Trainer:
             self._drift_warned = True
             self.log.message(f"step {self.step}: set-mass drift: the student's top-{lo.topk} holds {mass:.2f} of its "
                              f"probability and lbar = {lbar:+.3f} > 0, so each step of the reward-weighted top-k "
-                             f"loss lowers that mass (METHOD.md 2.3); loss.renorm_kl=true minimises the "
+                             f"loss lowers that mass (METHOD.md 2.3; that part is "
+                             f"{m.get('student_topk_drift_share', float('nan')):.0%} of the gradient on the set's "
+                             f"logits); loss.renorm_kl=true minimises the "
                              f"renormalised KL without that term")
 
     def close(self) -> None:
@@ -598,11 +608,12 @@ class Trainer:
         self.log.log(0, {"teacher_accuracy": acc, "rss_teacher_eval_mib": res["rss_eval_mib"]}, kind="eval")
         self.log.message(f"step 0: teacher accuracy {acc:.4f}")
 
-    def probe(self) -> None:
-        """The teacher continuation probe on held-out prompts (diagnostics.probe_*), logged as kind "probe"."""
+    def probe(self, log: bool = True) -> Dict[str, float]:
+        """The teacher continuation probe on held-out prompts (diagnostics.probe_*), logged as kind "probe"
+        (unless log=False); returns its numbers ({} when it does not run)."""
         d = self.cfg.diagnostics
         if not (d.probe_every and self.eval_ids):
-            return
+            return {}
         answered = [i for i, e in enumerate(self.eval_prompts) if e.answer is not None][:d.probe_prompts]
         mine = answered[dist.dp_rank()::dist.dp_world()]  # the probe compares accuracies: prompts with answers
 
@@ -618,9 +629,11 @@ class Trainer:
                                      reduce=lambda xs: dist.all_reduce(xs).tolist(),
                                      share=dist.broadcast_in_tp_group)
         res["rss_probe_mib"] = float(dist.all_reduce([peak["probe"]], op="max")[0])
-        self.log.log(self.step, res, kind="probe")
-        adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
-        self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")
+        if log:
+            self.log.log(self.step, res, kind="probe")
+            adv = ", ".join(f"{k.split('@')[1]}: {v:+.3f}" for k, v in res.items() if k.startswith("probe_advantage@"))
+            self.log.message(f"step {self.step}: teacher continuation advantage by cut depth {{{adv}}}")
+        return res
 
     def save_final(self) -> str:
         """The student in Hugging Face format (loadable by from_pretrained and vLLM)."""

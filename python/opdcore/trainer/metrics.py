@@ -33,7 +33,7 @@ class Timer:
 PROFILED = ("student_entropy", "entropy_gap", "sampled_token_reward", "overlap_ratio", "overlap_advantage")
 
 
-def _per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """name -> ([R] values, [R] mask of the positions where the value is defined, or None: all)."""
     out = {
         "student_entropy": (sc.student_entropy, None),
@@ -109,7 +109,7 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         if mb is None:
             continue
         n = mb.num_tokens
-        for name, (v, mask) in _per_token(sc).items():
+        for name, (v, mask) in per_token(sc).items():
             add(name, v[mask].sum() if mask is not None else v.sum(), mask.sum() if mask is not None else n)
             if name in PROFILED:
                 ps, pc = D.position_profile(v.cpu(), mb.positions.cpu(), bucket_width, num_buckets,
@@ -120,6 +120,10 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         diff = (mb.rollout_logprobs - sc.student_sampled_lp)[finite].abs()
         add("rollout_logprob_mismatch", diff.sum(), diff.numel())
         add("set_size", st[2].sum(), n)
+        if sc.student_ids is not None:  # the two parts of the reward-weighted top-k loss's gradient (METHOD.md 2.3)
+            d, k = D.drift_gradient_norms(sc.student_logprobs, sc.teacher_on_student_lp)
+            add("_drift_sq", d.sum(), n)
+            add("_kl_sq", k.sum(), n)
     for w in correction or []:  # loss.rollout_is_cap: the truncated importance weights of the sampled tokens
         if w is not None:
             add("rollout_is_weight", w.sum(), w.numel())
@@ -131,6 +135,9 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
     out = {k: float(reduced[2 * i] / reduced[2 * i + 1]) if reduced[2 * i + 1] > 0 else float("nan")
            for i, k in enumerate(names)}
     out["loss"] = float(reduced[2 * len(names)]) / dist.world()
+    if "_drift_sq" in out:  # means over the same tokens: their ratio is the ratio of the sums
+        out["student_topk_drift_share"] = D.drift_share(torch.tensor(out.pop("_drift_sq")),
+                                                        torch.tensor(out.pop("_kl_sq")))
     profile: Dict[str, list] = {"bucket_width": bucket_width}
     at = 2 * len(names) + 1
     for k in pnames:

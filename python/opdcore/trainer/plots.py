@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 # (title, kind, keys): None = the eval accuracy
 PANELS = [
@@ -21,6 +21,9 @@ PANELS = [
     ("responses cut off / without an answer", "train", ("truncated_fraction", "no_answer_fraction")),
     ("sampled-token reward log q - log p", "train", ("sampled_token_reward",)),
     ("reward AUROC (correct vs incorrect)", "train", ("reward_auroc",)),
+    # METHOD.md 2.3: where lbar > 0 the reward-weighted top-k loss drains P_S; the share is that part's gradient
+    ("set-mass drift: P_S, lbar, drift share", "train",
+     ("student_topk_mass", "student_topk_lbar", "student_topk_drift_share")),
     # training health (METHOD.md 3): the update's size, the token that dominates it, the PPO clipping
     ("gradient norm (before clipping)", "train", ("grad_norm",)),
     ("p - q at the largest-|reward| token", "train", ("p_minus_q_at_largest_reward",)),
@@ -42,16 +45,34 @@ def _pyplot():
     return plt
 
 
-def _read(path: str) -> List[dict]:
+def read_jsonl(path: str) -> Tuple[List[dict], int]:
+    """(rows, unreadable lines) of a JSONL file ([] when it does not exist): a run killed mid-write may leave a
+    last row cut short."""
     if not os.path.isfile(path):
-        return []
+        return [], 0
+    rows, bad = [], 0
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    bad += 1
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    bad += 1
+    return rows, bad
 
 
-def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
-    """Write curves.png (and positions.png when positions.jsonl exists) next to metrics.jsonl; returns the
-    curves' path, or None without matplotlib or metrics."""
+def _read(path: str) -> List[dict]:
+    return read_jsonl(path)[0]
+
+
+def plot_run(out_dir: str, path: Optional[str] = None, positions: bool = True) -> Optional[str]:
+    """Write curves.png (and positions.png when positions.jsonl exists, unless positions=False) next to
+    metrics.jsonl; returns the curves' path, or None without matplotlib or metrics."""
     plt = _pyplot()
     rows = _read(os.path.join(out_dir, "metrics.jsonl"))
     if plt is None or not rows:
@@ -83,7 +104,8 @@ def plot_run(out_dir: str, path: Optional[str] = None) -> Optional[str]:
     path = path or os.path.join(out_dir, "curves.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    plot_positions(out_dir)
+    if positions:
+        plot_positions(out_dir)
     return path
 
 
@@ -137,6 +159,65 @@ def plot_positions(out_dir: str, path: Optional[str] = None) -> Optional[str]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = path or os.path.join(out_dir, "positions.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(rows: List[dict], path: str) -> Optional[str]:
+    """Held-out accuracy per evaluation with the teacher's as a line, and the share of the gap recovered on a
+    second axis."""
+    plt = _pyplot()
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    acc = [(r["step"], r[k]) for r in evals for k in r if k.startswith("accuracy_avg@")]
+    if plt is None or not acc:
+        return None
+    teacher = next((r["teacher_accuracy"] for r in evals if "teacher_accuracy" in r), None)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*acc), marker="o", label="student (held-out)")
+    if teacher is not None:
+        ax.axhline(teacher, color="gray", ls="--", label=f"teacher {teacher:.3f}")
+        gap = teacher - acc[0][1]
+        if gap > 0:
+            ax2 = ax.twinx()
+            ax2.set_ylim((lo - acc[0][1]) / gap for lo in ax.get_ylim())
+            ax2.set_ylabel("gap recovery")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_title("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_timing(rows: List[dict], path: str) -> Optional[str]:
+    """Seconds per phase per step (stacked), throughput, and resident memory per phase."""
+    plt = _pyplot()
+    train = [r for r in rows if r.get("kind") == "train"]
+    phases = sorted({k[5:-2] for r in train for k in r if k.startswith("time_") and k.endswith("_s")})
+    if plt is None or not train or not phases:
+        return None
+    steps = [r["step"] for r in train]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].stackplot(steps, *[[r.get(f"time_{p}_s", 0.0) for r in train] for p in phases], labels=phases)
+    axes[0].set_title("seconds per step, by phase")
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[1].plot(steps, [r.get("tokens_per_s", math.nan) for r in train])
+    axes[1].set_title("tokens per second")
+    for p in phases:
+        pts = [(r["step"], r[f"rss_{p}_mib"]) for r in train if f"rss_{p}_mib" in r]
+        if pts:
+            axes[2].plot(*zip(*pts), label=p)
+    axes[2].set_title("peak resident memory per phase (MiB)")
+    if axes[2].get_legend_handles_labels()[0]:
+        axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
