@@ -46,6 +46,8 @@ def test_yaml_then_overrides(tmp_path):
     (("loss.dense=kl",), "loss.dense must be one of none, forward_kl, reverse_kl, jsd"),
     (("loss.dense=jsd", "loss.dense_beta=1.0"), r"loss.dense_beta must be in \(0, 1\)"),
     (("loss.dense=jsd", "loss.renorm_kl=true"), "each choose the loss"),
+    (("loss.tail_kl=true", "loss.renorm_kl=true"), "loss.renorm_kl and loss.tail_kl each choose the loss"),
+    (("loss.topk=0", "loss.tail_kl=true"), "tail_kl needs loss.topk > 0"),
     (("diagnostics.position_buckets=0",), "diagnostics.position_buckets must be >= 1"),
     (("train.tensor_parallel=0",), "train.tensor_parallel must be >= 1"),
     (("diagnostics.probe_cuts=[0.5, 1.0]",), r"diagnostics.probe_cuts must be fractions in \[0, 1\)"),

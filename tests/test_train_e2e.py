@@ -33,6 +33,8 @@ def torchrun(tiny, out, nproc, port, **extra):
     {"loss.topk": 0, "loss.log_ratio_clip": 0.0, "diagnostics.probe_every": 2},
     {"loss.strategy": "union", "loss.fused_lm_head": False, "loss.aggregation": "seq-mean-token-mean"},
     {"loss.renorm_kl": True, "loss.strategy": "intersection", "loss.outcome_weight": 0.5},
+    {"loss.tail_kl": True, "loss.strategy": "union", "train.update_epochs": 2},
+    {"loss.tail_kl": True, "loss.fused_lm_head": False, "loss.outcome_weight": 0.5},
     {"loss.outcome_weight": 1.0, "loss.fused_lm_head": False},
     {"model.dtype": "bfloat16", "model.gradient_checkpointing": True, "loss.strategy": "symmetric_difference"},
     {"loss.dense": "jsd", "loss.dense_beta": 0.3, "loss.teacher_temperature": 0.8},
@@ -64,7 +66,8 @@ def test_single_process_run(tiny, tmp_path, extra):
         assert all(0 <= m["overlap_mass_student"] <= m["student_topk_mass"] + 1e-5 for m in rows)
         # METHOD.md 2.3: the reward-weighted top-k loss warns once when it drains the student's own top-k
         assert all(m["student_topk_lbar"] == m["student_topk_lbar"] for m in rows)
-        weighted = not extra.get("loss.renorm_kl") and extra.get("loss.dense", "none") == "none"
+        weighted = not (extra.get("loss.renorm_kl") or extra.get("loss.tail_kl")) and \
+            extra.get("loss.dense", "none") == "none"
         draining = any(m["student_topk_mass"] < 0.9 and m["student_topk_lbar"] > 0.05 for m in rows)
         assert r.stdout.count("set-mass drift") == int(weighted and draining)
     with open(out / "positions.jsonl") as f:
@@ -77,7 +80,9 @@ def test_single_process_run(tiny, tmp_path, extra):
         assert [p["step"] for p in probes] == [0, 2, 3] and all(len(p) == 2 + 3 * 4 + 1 for p in probes)  # + rss
     assert os.path.isfile(out / "curves.png") and os.path.isfile(out / "positions.png")
     assert os.path.isdir(out / "tensorboard")
-    if "train.update_epochs" in extra:  # PPO surrogates: 2 epochs x 2 mini-batches per batch, clip statistics
+    if extra.get("loss.tail_kl") and "train.update_epochs" in extra:  # a true divergence: minimised again, no ratio
+        assert all(m["optimizer_steps"] == 2 and "ppo_clip_fraction" not in m for m in rows)
+    elif "train.update_epochs" in extra:  # PPO surrogates: 2 epochs x 2 mini-batches per batch, clip statistics
         assert all(m["optimizer_steps"] == 4 and 0 <= m["ppo_clip_fraction"] <= 1 and m["ppo_ratio_max"] > 0
                    for m in rows)
         # the hf engine samples with the trained model itself: importance weights ~1
@@ -255,7 +260,8 @@ def _same_run(a, b, what):
 
 
 @pytest.mark.parametrize("extra", [{"diagnostics.probe_every": 1}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5},
-                                   {"train.update_epochs": 2, "loss.strategy": "union"}])
+                                   {"train.update_epochs": 2, "loss.strategy": "union"},
+                                   {"loss.tail_kl": True, "loss.strategy": "union"}])
 def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
     """train.tensor_parallel=2 on 2 processes (both models' layers and LM heads split, vocabulary-parallel losses)
     trains exactly like one process: the group's first rank samples with the single process's seed. The
@@ -263,7 +269,7 @@ def test_torchrun_tensor_parallel_matches_one_process(tiny, tmp_path, extra):
     one, tp = tmp_path / "one", tmp_path / "tp"
     r = run(overrides(tiny, one, **{"train.steps": 2, **extra}))
     assert r.returncode == 0, r.stderr[-3000:]
-    torchrun(tiny, tp, 2, 29541 + len(extra) + ("loss.renorm_kl" in extra),
+    torchrun(tiny, tp, 2, 29541 + len(extra) + ("loss.renorm_kl" in extra) + 3 * ("loss.tail_kl" in extra),
              **{"train.steps": 2, "train.tensor_parallel": 2, **extra})
     _same_run(one, tp, "tensor-parallel")
     for kind in ("eval", "probe"):

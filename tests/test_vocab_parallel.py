@@ -9,10 +9,11 @@ import torch
 
 from gloo_workers import spawn
 from opdcore.ops import (dense_divergence, linear_topk, logprobs_at, opd_topk_loss, opd_topk_loss_linear_weighted,
-                         renorm_topk_kl, topk_logprobs)
+                         renorm_topk_kl, tail_topk_kl, tail_topk_kl_linear_weighted, topk_logprobs)
 from opdcore.parallel import (shard_range, vocab_parallel_dense_divergence, vocab_parallel_linear_topk,
                               vocab_parallel_opd_topk_loss, vocab_parallel_opd_topk_loss_linear_weighted,
-                              vocab_parallel_renorm_topk_kl, vocab_parallel_topk_logprobs)
+                              vocab_parallel_renorm_topk_kl, vocab_parallel_tail_topk_kl,
+                              vocab_parallel_tail_topk_kl_linear_weighted, vocab_parallel_topk_logprobs)
 
 
 def _logits(n, v, dtype, seed):
@@ -78,6 +79,15 @@ def _matches_single_process(rank, world):
                "renorm kl")
         _close(xs.grad.double(), xf.grad[:, off:off + size].double(), dtype, "renorm kl gradient of the shard")
 
+        xs.grad = None
+        xf.grad = None
+        tkl = vocab_parallel_tail_topk_kl(xs, ids, tq, valid, temperature=0.9)
+        (tkl.loss * w.to(tkl.loss.dtype)).sum().backward()
+        want_tkl = tail_topk_kl(xf, ids, tq, valid, temperature=0.9)
+        (want_tkl.loss * w.to(want_tkl.loss.dtype)).sum().backward()
+        _close(tkl.loss, want_tkl.loss, dtype, "tail kl")
+        _close(xs.grad.double(), xf.grad[:, off:off + size].double(), dtype, "tail kl gradient of the shard")
+
         teacher = _logits(n, v, dtype, seed=9)
         mask = torch.isinf(x) | torch.isinf(teacher)  # one vocabulary mask for both (finite KLs)
         mask[3, : v // 2] = True  # a row whose first ranks' shards are all -inf
@@ -122,6 +132,19 @@ def _matches_single_process(rank, world):
             _close(a, b, torch.float64, f"weighted {name} {mode}")
         _close(hs.grad, hf.grad, torch.float64, f"weighted d hidden {mode}")
         _close(ws.grad, wf.grad[off:off + size], torch.float64, f"weighted d weight shard {mode}")
+
+    hs, ws = h.clone().requires_grad_(True), wt[off:off + size].clone().requires_grad_(True)
+    total, out = vocab_parallel_tail_topk_kl_linear_weighted(hs, ws, ids, tq, tw, valid, temperature=0.8,
+                                                             max_block_elements=4 * size)
+    total.backward()
+    hf, wf = h.clone().requires_grad_(True), wt.clone().requires_grad_(True)
+    want_total, want = tail_topk_kl_linear_weighted(hf, wf, ids, tq, tw, valid, temperature=0.8)
+    want_total.backward()
+    for name, a, b in zip(("total", "loss", "coefficients"), (total, out.loss, out.coefficients),
+                          (want_total, want.loss, want.coefficients)):
+        _close(a, b, torch.float64, f"weighted tail kl {name}")
+    _close(hs.grad, hf.grad, torch.float64, "weighted tail kl d hidden")
+    _close(ws.grad, wf.grad[off:off + size], torch.float64, "weighted tail kl d weight shard")
 
 
 def test_vocab_parallel_matches_single_process(tmp_path):
@@ -172,6 +195,10 @@ def _errors_on_every_rank(rank, world):
         vocab_parallel_topk_logprobs(x[:, off:off + size], 4 + rank)
     with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns \(rank by rank: \[3, 2\]\)"):
         vocab_parallel_opd_topk_loss(x[:, off:off + size], ids[:, :3 - rank], tq[:, :3 - rank], valid[:, :3 - rank])
+    with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns"):
+        vocab_parallel_tail_topk_kl(x[:, off:off + size], ids[:, :3 - rank], tq[:, :3 - rank], valid[:, :3 - rank])
+    with pytest.raises(RuntimeError, match=rf"rank {rank}: ValueError: teacher_logprobs is NaN"):
+        vocab_parallel_tail_topk_kl_linear_weighted(h, w[off:off + size], ids, tq_bad, torch.ones(n), valid)
     with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns"):
         vocab_parallel_renorm_topk_kl(x[:, off:off + size], ids[:, :3 - rank], tq[:, :3 - rank], valid[:, :3 - rank])
     with pytest.raises(RuntimeError, match=r"ranks disagree on ids_columns"):

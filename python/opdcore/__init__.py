@@ -10,6 +10,7 @@ from opdcore.ops import (
     opd_topk_loss,
     opd_topk_loss_linear,
     renorm_topk_kl,
+    tail_topk_kl,
     topk_logprobs,
 )
 from opdcore.packing import PackedBatch, PackedBuffer, from_padded, split_micro_batches, to_padded

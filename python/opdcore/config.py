@@ -88,6 +88,7 @@ class LossConfig:
     log_ratio_clip: float = 0.0  # 0: off
     aggregation: str = "token-mean"
     renorm_kl: bool = False  # exact renormalised top-k reverse KL (METHOD.md 2.4)
+    tail_kl: bool = False  # tail-aware top-k KL: the reverse KL of the set's ids plus a rest bin (METHOD.md 2.4)
     dense: str = "none"  # none | forward_kl | reverse_kl | jsd: full-vocabulary divergence (METHOD.md 2.5)
     dense_beta: float = 0.5  # the JSD's beta (TRL's convention), in (0, 1)
     teacher_temperature: float = 1.0
@@ -342,10 +343,13 @@ def validate(cfg: Config) -> Config:
             AnswerChecker("regex", cfg.data.answer_regex)
         except ValueError as e:
             raise ConfigError(f"data.answer_regex: {e}") from e
-    if cfg.loss.renorm_kl and cfg.loss.topk == 0:
-        raise ConfigError("loss.renorm_kl needs loss.topk > 0")
-    if cfg.loss.renorm_kl and cfg.loss.dense != "none":
-        raise ConfigError("loss.renorm_kl and loss.dense each choose the loss: set one of them")
+    for key in ("renorm_kl", "tail_kl"):
+        if getattr(cfg.loss, key) and cfg.loss.topk == 0:
+            raise ConfigError(f"loss.{key} needs loss.topk > 0")
+    chosen = [n for n, on in (("loss.renorm_kl", cfg.loss.renorm_kl), ("loss.tail_kl", cfg.loss.tail_kl),
+                              ("loss.dense", cfg.loss.dense != "none")) if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} each choose the loss: set one of them")
     return cfg
 
 

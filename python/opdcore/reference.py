@@ -108,6 +108,26 @@ def renorm_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperatur
     return (p * (lp - lq)).sum(-1)
 
 
+def tail_topk_kl(student_logits, ids, teacher_logprobs, valid=None, temperature=1.0):
+    """The reverse KL of the (k+1)-bin distributions: the valid set's ids plus one bin for the rest of the
+    vocabulary, sum_S p log(p / q) + (1 - P) log((1 - P) / (1 - Q)), straight from the full softmax (the rest bin's
+    mass summed over the ids outside the set, not derived from P)."""
+    if valid is None:
+        valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    lp_full = log_softmax(student_logits, temperature)
+    p_full = lp_full.exp()
+    in_set = torch.zeros_like(p_full).scatter_add_(1, ids.long(), valid.to(p_full.dtype)) > 0
+    zero = torch.zeros((), dtype=lp_full.dtype, device=lp_full.device)
+    rest_p = torch.where(in_set, zero, p_full).sum(-1)
+    slp = lp_full.gather(1, ids.long())
+    tq = teacher_logprobs.to(slp.dtype)
+    p = torch.where(valid, slp.exp(), zero)
+    set_part = torch.where(valid & (p > 0), p * (slp - tq), zero).sum(-1)
+    rest_q = 1 - torch.where(valid, tq.exp(), zero).sum(-1)
+    tiny = torch.finfo(slp.dtype).tiny
+    return set_part + rest_p * (torch.log(rest_p.clamp(min=tiny)) - torch.log(rest_q.clamp(min=tiny)))
+
+
 def dense_divergence(student_logits, teacher_logits, divergence="reverse_kl", beta=0.5, temperature=1.0):
     """Per-token forward KL(q||p), reverse KL(p||q) or JSD(beta) over the full vocabulary (0 * log 0 = 0)."""
     lp, lq = log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)

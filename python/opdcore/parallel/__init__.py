@@ -10,6 +10,8 @@ from opdcore.parallel.vocab_parallel import (
     vocab_parallel_ppo_topk_loss,
     vocab_parallel_ppo_topk_loss_linear_weighted,
     vocab_parallel_renorm_topk_kl,
+    vocab_parallel_tail_topk_kl,
+    vocab_parallel_tail_topk_kl_linear_weighted,
     vocab_parallel_topk_logprobs,
 )
 
@@ -17,4 +19,5 @@ __all__ = ["clip_grad_norm", "local_vocab", "parallelize", "tensor_parallel_plan
            "vocab_parallel_dense_divergence", "vocab_parallel_linear_topk", "vocab_parallel_opd_topk_loss",
            "vocab_parallel_opd_topk_loss_linear_weighted", "vocab_parallel_ppo_topk_loss",
            "vocab_parallel_ppo_topk_loss_linear_weighted",
-           "vocab_parallel_renorm_topk_kl", "vocab_parallel_topk_logprobs"]
+           "vocab_parallel_renorm_topk_kl", "vocab_parallel_tail_topk_kl",
+           "vocab_parallel_tail_topk_kl_linear_weighted", "vocab_parallel_topk_logprobs"]

@@ -21,7 +21,9 @@ from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
 from opdcore.ops import dense as _dense
 from opdcore.ops import loss as _loss
 from opdcore.ops import policy as _policy
+from opdcore.ops import tail_kl as _tail
 from opdcore.ops.policy import PPOLoss
+from opdcore.ops.tail_kl import TailKL
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops.topk import _as_long, _check_linear, _check_weighted, iter_head_chunks
 
@@ -471,3 +473,41 @@ def vocab_parallel_dense_divergence(student_shard: torch.Tensor, teacher_shard: 
     divergence [N] is replicated on every rank; the gradient goes to each rank's student shard."""
     return _VocabParallelDense.apply(student_shard, teacher_shard.detach(), _dense.divergence_index(divergence),
                                      float(beta), float(temperature), group)
+
+
+def vocab_parallel_tail_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                                valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+                                log_ratio_clip: float = 0.0, group=None) -> TailKL:
+    """opdcore.ops.tail_topk_kl of the full-vocabulary logits whose rank-r shard is logits_shard [N, V_r]; ids,
+    teacher_logprobs and valid are the same on every rank. Loss replicated, gradient per shard."""
+    what = "vocab_parallel_tail_topk_kl"
+    acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
+
+    def check():
+        if logits_shard.dim() != 2:
+            raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
+        return _tail.prepare_tail_kl(ids, teacher_logprobs, valid, logits_shard.shape[0], acc, temperature,
+                                     log_ratio_clip)
+
+    rule = _checked_everywhere(check, what, group)
+    return TailKL(*_VocabParallelSetLoss.apply(logits_shard, rule, what, group))
+
+
+def vocab_parallel_tail_topk_kl_linear_weighted(hidden: torch.Tensor, weight_shard: torch.Tensor, ids: torch.Tensor,
+                                                teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
+                                                valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
+                                                log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24,
+                                                group=None):
+    """opdcore.ops.tail_topk_kl_linear_weighted with the LM head split by vocabulary rows (as
+    vocab_parallel_opd_topk_loss_linear_weighted): (sum_t token_weights[t] * loss_t, TailKL), replicated."""
+    what = "vocab_parallel_tail_topk_kl_linear_weighted"
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+    def check():
+        _check_linear(hidden, weight_shard, None)
+        _check_weighted(hidden, token_weights, max_block_elements)
+        return _tail.prepare_tail_kl(ids, teacher_logprobs, valid, hidden.shape[0], acc, temperature,
+                                     log_ratio_clip)
+
+    rule = _checked_everywhere(check, what, group)
+    return _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, TailKL, group)

@@ -572,7 +572,7 @@ class Trainer:
         """Say once when the reward-weighted top-k loss is in the regime where it drains the student's own top-k
         (METHOD.md 2.3: lbar > 0 with a top-k mass well below 1, as on small vocabularies)."""
         lo = self.cfg.loss
-        if getattr(self, "_drift_warned", False) or lo.topk == 0 or lo.renorm_kl or lo.dense != "none":
+        if getattr(self, "_drift_warned", False) or S.objective(self.cfg) != "loss" or lo.topk == 0:
             return
         mass, lbar = m.get("student_topk_mass", 1.0), m.get("student_topk_lbar", 0.0)
         if mass < 0.9 and lbar > 0.05:

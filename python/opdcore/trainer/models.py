@@ -12,7 +12,7 @@ import opdcore
 from opdcore import parallel as P
 from opdcore.metrics import ppo_clip_counts
 from opdcore.ops import (dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, ppo_topk_loss,
-                         ppo_topk_loss_linear_weighted, renorm_topk_kl_linear)
+                         ppo_topk_loss_linear_weighted, renorm_topk_kl_linear, tail_topk_kl_linear_weighted)
 from opdcore.parallel.tensor_parallel import local_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -62,7 +62,7 @@ def _fused_head_supported(model) -> bool:
 
 class OPDModel(nn.Module):
     """A causal LM whose forward returns per-response-token results computed from its hidden states:
-    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "dense" the loss summed with
+    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "tail_kl" / "dense" the loss summed with
     token_weights (mode "loss" given ppo terms: the PPO surrogate's, with its clip counts), mode "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H])
     with the fused head, else ([R, V] logits, None).
 
@@ -131,6 +131,9 @@ class OPDModel(nn.Module):
         if mode == "renorm_kl":
             loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                           temperature=kw["temperature"]) * kw["token_weights"]).sum()
+        elif mode == "tail_kl":  # needs the full normaliser: row blocks, gradient formed in the forward
+            loss = tail_topk_kl_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
+                                                kw["valid"], temperature=kw["temperature"])[0]
         elif mode == "dense":  # one [rows, V] block of each model's logits at a time, gradient in the forward
             t_h, t_w = (x.to(h.dtype) for x in kw["teacher_head"])  # model.teacher_dtype may differ
             loss = dense_divergence_linear_weighted(h, w, t_h, t_w, kw["token_weights"], kw["divergence"],
@@ -155,6 +158,11 @@ class OPDModel(nn.Module):
                                                     group=g)
         if mode == "loss":  # fused with the head shard: gradients formed in the forward, d hidden summed inside
             return _reward_losses(SetLossHead(hidden=h, weight=w, group=g), kw)
+        if mode == "tail_kl":
+            loss = P.vocab_parallel_tail_topk_kl_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"],
+                                                                 kw["token_weights"], kw["valid"],
+                                                                 temperature=kw["temperature"], group=g)[0]
+            return loss + _outcome_loss(SetLossHead(hidden=h, weight=w, group=g), kw)
         logits = head(h)[:, :cols]
         if mode == "head":
             return logits, None
@@ -188,6 +196,9 @@ class OPDModel(nn.Module):
         if mode == "renorm_kl":
             per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
                                                temperature=kw["temperature"])
+        elif mode == "tail_kl":
+            per_token = opdcore.tail_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
+                                             temperature=kw["temperature"]).loss
         elif mode == "dense":
             t_x, t_w = kw["teacher_head"]
             t_logits = (t_x if t_w is None else t_x @ t_w.T) * kw["teacher_scale"]

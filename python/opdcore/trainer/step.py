@@ -76,6 +76,13 @@ class PolicyTerms:
     advantages: Optional[torch.Tensor] = None  # [R, K]
 
 
+def objective(cfg: Config) -> str:
+    """The student forward's loss mode: "dense", "renorm_kl", "tail_kl" (true divergences, minimised as they are)
+    or "loss" (the reward-weighted OPD loss, a PPO surrogate with several updates per batch)."""
+    lo = cfg.loss
+    return "dense" if lo.dense != "none" else "renorm_kl" if lo.renorm_kl else "tail_kl" if lo.tail_kl else "loss"
+
+
 def ppo_clip(cfg: Config) -> PPOClip:
     lo = cfg.loss.ppo_clip
     return PPOClip(lo, lo if cfg.loss.ppo_clip_high is None else cfg.loss.ppo_clip_high, cfg.loss.ppo_dual_clip)
@@ -86,7 +93,7 @@ def policy_terms(student, mb: MicroBatch, sc: Scored, token_set, cfg: Config) ->
     """The micro-batch's PolicyTerms. The student's log-probs on its own top-k (or the sampled token) come from
     the scoring pass; sets with teacher ids (teacher, union, symmetric_difference) take one more student pass."""
     clip = ppo_clip(cfg)
-    if cfg.loss.dense != "none" or cfg.loss.renorm_kl:  # true divergences: no surrogate, no ratio
+    if objective(cfg) != "loss":  # true divergences: no surrogate, no ratio
         return PolicyTerms(clip)
     ids, tq, valid, mode = token_set
     if cfg.loss.topk == 0:
@@ -179,7 +186,7 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, c
         # a rank with too few rollouts replays its first micro-batch at weight 0: FSDP forwards are collectives
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
         mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
-        mode_name = "dense" if cfg.loss.dense != "none" else ("renorm_kl" if cfg.loss.renorm_kl else "loss")
+        mode_name = objective(cfg)
         with autocast(cfg, mb.input_ids.device, cache=False):  # the forward only: backward and step outside
             dense = _dense_terms(teacher, mb, cfg) if mode_name == "dense" else {}
             loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids,
