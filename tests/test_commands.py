@@ -55,8 +55,6 @@ def test_every_subcommand_has_help(name, capsys):
     (["diagnose", "--student", "s"], "missing --teacher, --prompts"),
     (["diagnose", "--num-prompts", "0"], "--num-prompts must be >= 1"),
     (["diagnose", "--bogus"], "unrecognised argument '--bogus'"),
-    (["diagnose", "--config", "smollm2", "--student", "s", "--teacher", "t", "--prompts", "p"],
-     "brings its own models"),
     (["diagnose", "--n", "0"], "--n and --max-new-tokens >= 1"),
     (["report"], "the following arguments are required: run_dir"),
     (["select-prompts", "--aligned", "a"], "required"),
@@ -194,6 +192,14 @@ def test_verdict_set_mass_drift():
         assert _levels(res)["set-mass drift"] == "bad" and res["verdict"] == "go-with-care"
         assert any("loss.renorm_kl=true" in r for r in res["recommendations"])
     assert _levels(judge(_with(token_means__student_topk_lbar=0.1)))["set-mass drift"] == "warn"
+
+
+def test_verdict_drift_under_a_loss_without_it():
+    """A configured renormalised KL has no drift term: the risk is said, the verdict is not lowered, and the
+    recommendation is to keep that loss."""
+    res = judge({**_with(token_means__student_topk_lbar=0.9), "loss": "renorm_kl"})
+    assert _levels(res)["set-mass drift"] == "info" and res["verdict"] == "go"
+    assert any("keep the renormalised top-k KL" in r for r in res["recommendations"])
 
 
 def test_verdict_lengths():

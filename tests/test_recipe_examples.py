@@ -61,3 +61,29 @@ def test_cold_start_lifts_the_synthetic_student(tmp_path):
     assert rep["filter"]["kept"] > 0.5 * rep["sft_prompts"]
     assert rep["student_accuracy_after"] > rep["student_accuracy_before"] + 0.3
     assert "continue with OPD" in r.stdout and os.path.isfile(tmp_path / "cs" / "student" / "config.json")
+
+
+@pytest.mark.slow
+def test_phenomenology_runs_and_says_what_it_finds(tmp_path):
+    """examples/phenomenology.py end to end on a few steps: the other teachers build, the runs train, and every
+    section states whether the miniature reproduces its finding."""
+    r = _run("phenomenology.py", "--steps", 3, "--only", "a", "b", "c", "--out", tmp_path / "ph", timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (tmp_path / "ph" / "phenomenology.md").read_text()
+    for section in ("(a) incompatible teacher", "(b) teacher without new knowledge", "(c) overlap over a successful",
+                    "opdcore diagnose on the pairs"):
+        assert section in text
+    assert text.count("reproduced") >= 3  # each finding says whether it holds (or "NOT reproduced here")
+
+
+def test_other_notation_is_the_same_arithmetic():
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    try:
+        from phenomenology import other_notation
+    finally:
+        sys.path.pop(0)
+    from opdcore.data.reward import extract_answer
+
+    text = other_notation(964, 494)
+    assert text == "0,4,4>8 8\n0,6,9>15 58\n1,9,4>14 1458\nAnswer: 1458"
+    assert extract_answer(text) == "1458"

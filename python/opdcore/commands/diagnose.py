@@ -21,7 +21,8 @@ import sys
 def parse(argv):
     p = argparse.ArgumentParser(prog="opdcore diagnose", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="a preset (synthetic, smollm2) or YAML file; default: synthetic without --student")
+    p.add_argument("--config", help="a preset (synthetic, smollm2) or YAML file: its settings, and its models unless "
+                                    "--student/--teacher/--prompts are given; default: synthetic without --student")
     p.add_argument("--student", help="Hugging Face model folder or id")
     p.add_argument("--teacher", help="Hugging Face model folder or id (same tokenizer as the student)")
     p.add_argument("--prompts", help="JSONL/Parquet prompts the student would be trained on")
@@ -50,8 +51,6 @@ def parse(argv):
         missing = [f"--{n}" for n in ("student", "teacher", "prompts") if not getattr(args, n)]
         if missing:
             p.error(f"a model pair needs --student, --teacher and --prompts (missing {', '.join(missing)})")
-        if args.config in ("synthetic", "smollm2"):
-            p.error(f"--config {args.config} brings its own models: leave out --student/--teacher/--prompts")
     return args, rest
 
 

@@ -10,6 +10,7 @@ import torch
 
 from opdcore import metrics as D
 from opdcore.trainer import metrics as M
+from opdcore.trainer import step as S
 
 # per-token diagnostics profiled over response-position buckets in the evidence
 PROFILED = ("overlap_ratio", "overlap_mass_student", "entropy_gap", "student_entropy", "teacher_entropy",
@@ -80,6 +81,7 @@ def collect(trainer, num_prompts: int, progress: bool = True) -> Dict[str, objec
         profiles[name] = torch.where(pc > 0, ps / pc.clamp(min=1), torch.full_like(ps, math.nan)).tolist()
     evidence: Dict[str, object] = {
         "prompts": n, "responses": len(lengths), "tokens": int(sums["student_entropy"][1]), "k": cfg.loss.topk,
+        "loss": S.objective(cfg),  # the configured loss: the drift of METHOD.md 2.3 concerns "loss" only
         "vocab": trainer.vocab, "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
         "token_means": means, "profiles": profiles,
         "sequence": {

@@ -26,6 +26,9 @@ DRIFT_MASS, DRIFT_LBAR, DRIFT_LBAR_HIGH = 0.9, 0.05, 0.3
 # argues for a length cap only for long responses (the paper: 3K-7K tokens worked, 10K-15K collapsed late)
 TRUNCATED_HIGH, LATE_OVERLAP_DROP, LONG_RESPONSES = 0.3, 0.8, 4096
 
+LOSS_NAMES = {"renorm_kl": "renormalised top-k KL", "tail_kl": "tail-aware top-k KL",
+              "dense": "dense divergence", "loss": "reward-weighted top-k loss"}
+
 VERDICTS = {
     "go": "OPD should work here",
     "go-with-care": "OPD can work here; read the findings below",
@@ -101,20 +104,30 @@ def judge(ev: Dict) -> Dict[str, object]:
                         tm.get("student_topk_drift_share", math.nan))
     drift = "bad" if lbar > DRIFT_LBAR_HIGH or (p_s < DRIFT_MASS and lbar > DRIFT_LBAR) else \
         "warn" if lbar > DRIFT_LBAR else "good"
-    say("set-mass drift", drift, f"the student's top-{k} holds P_S = {p_s:.3f} of its probability, lbar = "
-                                 f"{lbar:+.3f} (> 0: the reward-weighted top-{k} loss lowers P_S, METHOD.md 2.3); "
-                                 f"the drift is {share:.0%} of that loss's gradient on the set's logits now, and "
-                                 "grows as P_S falls")
-    if drift == "bad":
-        recs.append(f"Loss: loss.renorm_kl=true (the exact renormalised top-{k} KL) or loss.topk=0 (sampled-"
-                    f"token); the reward-weighted top-{k} loss would drain the student's top-{k} mass here.")
-    elif compat == "bad":
-        recs.append("Loss: loss.strategy=union, so the teacher's preferred tokens outside the student's top-k get "
-                    "a gradient (the student's own set never reaches them).")
+    configured = ev.get("loss", "loss")  # the trainer's objective: only the reward-weighted "loss" drifts
+    text = (f"the student's top-{k} holds P_S = {p_s:.3f} of its probability, lbar = {lbar:+.3f} (> 0: the "
+            f"reward-weighted top-{k} loss lowers P_S, METHOD.md 2.3); the drift is {share:.0%} of that loss's "
+            "gradient on the set's logits now, and grows as P_S falls")
+    name = LOSS_NAMES.get(configured, configured)
+    if configured == "loss":
+        say("set-mass drift", drift, text)
+        if drift == "bad":
+            recs.append(f"Loss: loss.renorm_kl=true (the exact renormalised top-{k} KL), loss.tail_kl=true (the "
+                        f"tail-aware top-{k} KL) or loss.topk=0 (sampled-token); the reward-weighted top-{k} loss "
+                        f"would drain the student's top-{k} mass here.")
+        elif compat != "bad":
+            recs.append(f"Loss: the reward-weighted top-{k} loss (the paper's default) or sampled-token OPD "
+                        "(loss.topk=0, as good in the paper at lower cost); loss.renorm_kl=true if P_S falls "
+                        "during training.")
     else:
-        recs.append(f"Loss: the reward-weighted top-{k} loss (the paper's default) or sampled-token OPD "
-                    "(loss.topk=0, as good in the paper at lower cost); loss.renorm_kl=true if P_S falls during "
-                    "training.")
+        say("set-mass drift", "info", text + f"; the configured loss ({name}) has no such term")
+        if drift == "bad":
+            recs.append(f"Loss: keep the {name}; the reward-weighted top-{k} loss would drain the student's "
+                        f"top-{k} mass here.")
+        drift = "good"
+    if compat == "bad":
+        recs.append("Loss: loss.strategy=union or loss.tail_kl=true, so the teacher's preferred tokens outside the "
+                    "student's top-k get a gradient (the student's own set never reaches them).")
     recs.append(f"k: {k if k >= 4 else 16} (k >= 4 is enough; top-1 support is unstable)."
                 + (f" A larger k raises P_S above {p_s:.2f}." if p_s < DRIFT_MASS else ""))
 
