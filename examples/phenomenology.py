@@ -237,7 +237,8 @@ def experiment_d(ctx) -> str:
     inc = ctx.runs.train("incompatible", [f"model.teacher={ctx.notation['path']}"])
     acc_r, acc_i = accuracy(rescued), accuracy(inc)
     lines = ["| incompatible pair | initial overlap ratio | held-out accuracy: start -> final |", "|---|---:|---:|",
-             f"| OPD directly | {window(inc, 'overlap_ratio', True):.3f} | {pct(acc_i[0])} -> {pct(acc_i[max(acc_i)])} |",
+             f"| OPD directly | {window(inc, 'overlap_ratio', True):.3f} | "
+             f"{pct(acc_i[0])} -> {pct(acc_i[max(acc_i)])} |",
              f"| cold start ({report['filter'].get('kept', '?')} filtered teacher responses, 150 SFT steps), then "
              f"OPD | {window(rescued, 'overlap_ratio', True):.3f} | {pct(acc_r[0])} -> {pct(acc_r[max(acc_r)])} |"]
     ok = acc_r[max(acc_r)] > acc_i[max(acc_i)] and window(rescued, "overlap_ratio", True) > \

@@ -71,18 +71,13 @@ def settings(args, rest) -> list:
 
 def main(argv=None) -> int:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
-    from opdcore.commands.train import config_path, make_trainer
-    from opdcore.config import ConfigError, load_config
+    from opdcore.commands.train import config_path, trainer_from
 
     overrides = settings(args, rest)
-    try:
-        cfg = load_config(config_path(args.config, overrides), tuple(overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    built = trainer_from(config_path(args.config, overrides), overrides)
+    if built is None:
         return 2
-    trainer = make_trainer(cfg)
-    if trainer is None:
-        return 2
+    cfg, trainer = built
     from opdcore.diagnosis import judge
     from opdcore.diagnosis.collect import collect
     from opdcore.diagnosis.plot import plot_evidence

@@ -59,22 +59,34 @@ def make_trainer(cfg):
         return None
 
 
+def trainer_from(path, overrides):
+    """(config, Trainer) from a config file (or None) and key=value overrides, or None after saying what is
+    wrong."""
+    try:
+        cfg = load_config(path, tuple(overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
+    trainer = make_trainer(cfg)
+    return None if trainer is None else (cfg, trainer)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, path, overrides = parse(argv)
-        if args.help:
-            print(USAGE + help_text())
-            return 0
-        cfg = load_config(path, tuple(overrides))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.help:
+        print(USAGE + help_text())
+        return 0
     from opdcore.trainer import dist
 
-    trainer = make_trainer(cfg)
-    if trainer is None:
+    built = trainer_from(path, overrides)
+    if built is None:
         return 2
+    trainer = built[1]
     try:
         trainer.run()
     finally:

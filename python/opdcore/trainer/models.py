@@ -62,9 +62,10 @@ def _fused_head_supported(model) -> bool:
 
 class OPDModel(nn.Module):
     """A causal LM whose forward returns per-response-token results computed from its hidden states:
-    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "tail_kl" / "dense" the loss summed with
-    token_weights (mode "loss" given ppo terms: the PPO surrogate's, with its clip counts), mode "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H])
-    with the fused head, else ([R, V] logits, None).
+    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "tail_kl" / "dense" the loss
+    summed with token_weights (mode "loss" given ppo terms: the PPO surrogate's, with its clip counts), mode
+    "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H]) with the fused head,
+    else ([R, V] logits, None).
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
     (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
