@@ -236,15 +236,15 @@ def experiment_d(ctx) -> str:
                                                      f"data.eval_path={ctx.setup.eval_prompts_path}"])
     inc = ctx.runs.train("incompatible", [f"model.teacher={ctx.notation['path']}"])
     acc_r, acc_i = accuracy(rescued), accuracy(inc)
-    lines = ["| incompatible pair | initial overlap ratio | held-out accuracy: start -> final |", "|---|---:|---:|",
-             f"| OPD directly | {window(inc, 'overlap_ratio', True):.3f} | "
-             f"{pct(acc_i[0])} -> {pct(acc_i[max(acc_i)])} |",
-             f"| cold start ({report['filter'].get('kept', '?')} filtered teacher responses, 150 SFT steps), then "
-             f"OPD | {window(rescued, 'overlap_ratio', True):.3f} | {pct(acc_r[0])} -> {pct(acc_r[max(acc_r)])} |"]
-    ok = acc_r[max(acc_r)] > acc_i[max(acc_i)] and window(rescued, "overlap_ratio", True) > \
-        window(inc, "overlap_ratio", True)
+    lines = ["| incompatible pair | initial overlap ratio | initial overlap mass | held-out accuracy: start -> "
+             "final |", "|---|---:|---:|---:|"]
+    for name, r, acc in (("OPD directly", inc, acc_i), (f"cold start ({report['filter'].get('kept', '?')} filtered "
+                                                        "teacher responses, 150 SFT steps), then OPD", rescued, acc_r)):
+        lines.append(f"| {name} | {window(r, 'overlap_ratio', True):.3f} | "
+                     f"{window(r, 'overlap_mass_student', True):.3f} | {pct(acc[0])} -> {pct(acc[max(acc)])} |")
+    ok = acc_r[max(acc_r)] > acc_i[max(acc_i)] + 0.1
     ctx.curves["d: cold start + OPD"] = rescued
-    return "\n".join(lines) + ("\n\nreproduced: after the cold start the pair overlaps and OPD ends higher."
+    return "\n".join(lines) + ("\n\nreproduced: after the cold start OPD with the incompatible teacher works."
                                if ok else "\n\nNOT reproduced here.")
 
 

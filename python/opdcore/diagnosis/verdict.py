@@ -114,7 +114,9 @@ def judge(ev: Dict) -> Dict[str, object]:
         if drift == "bad":
             recs.append(f"Loss: loss.renorm_kl=true (the exact renormalised top-{k} KL), loss.tail_kl=true (the "
                         f"tail-aware top-{k} KL) or loss.topk=0 (sampled-token); the reward-weighted top-{k} loss "
-                        f"would drain the student's top-{k} mass here.")
+                        f"would drain the student's top-{k} mass here."
+                        + (" With overlap this low, prefer loss.tail_kl=true or loss.strategy=union: they reach "
+                           "the teacher's tokens outside the student's top-k." if compat == "bad" else ""))
         elif compat != "bad":
             recs.append(f"Loss: the reward-weighted top-{k} loss (the paper's default) or sampled-token OPD "
                         "(loss.topk=0, as good in the paper at lower cost); loss.renorm_kl=true if P_S falls "
@@ -125,7 +127,7 @@ def judge(ev: Dict) -> Dict[str, object]:
             recs.append(f"Loss: keep the {name}; the reward-weighted top-{k} loss would drain the student's "
                         f"top-{k} mass here.")
         drift = "good"
-    if compat == "bad":
+    if compat == "bad" and not any(r.startswith("Loss: loss.renorm_kl") for r in recs):
         recs.append("Loss: loss.strategy=union or loss.tail_kl=true, so the teacher's preferred tokens outside the "
                     "student's top-k get a gradient (the student's own set never reaches them).")
     recs.append(f"k: {k if k >= 4 else 16} (k >= 4 is enough; top-1 support is unstable)."
