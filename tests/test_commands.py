@@ -178,6 +178,16 @@ def test_verdict_incompatible_pair_gets_the_rescues():
     assert "opdcore cold-start" in text and "opdcore select-prompts" in text and "loss.strategy=union" in text
 
 
+def test_verdict_teacher_mass_off_the_shared_ids_is_incompatible():
+    """The top-k lists may share most ids while the teacher puts its probability elsewhere (the phenomenology's
+    other-notation teacher: q mass 0.505 on S ∩ T); and a lead that vanishes at the first probe cut says so."""
+    res = judge(_with(token_means__overlap_mass_teacher=0.5))
+    assert _levels(res)["compatibility"] == "bad" and res["verdict"] == "rescue-first"
+    ev = _with()
+    ev["probe"] = {"probe_advantage@0": 0.88, "probe_advantage@0.25": -0.06, "probe_advantage@0.5": -0.06}
+    assert _levels(judge(ev))["probe"] == "warn"
+
+
 def test_verdict_teacher_without_a_lead():
     res = judge(_with(accuracy__teacher=0.41))
     assert res["verdict"] == "little-to-gain" and _levels(res)["novelty"] == "bad"

@@ -53,7 +53,10 @@ def judge(ev: Dict) -> Dict[str, object]:
         findings.append({"aspect": aspect, "level": level, "text": text})
 
     # 1. compatibility (METHOD.md 4.1)
-    ratio, mass = tm.get("overlap_ratio", math.nan), tm.get("overlap_mass_student", math.nan)
+    # both models must put their mass on the shared ids: a teacher that puts half of its probability elsewhere on
+    # the student's own states thinks differently, however many ids the two top-k lists share
+    ratio = tm.get("overlap_ratio", math.nan)
+    mass = min(tm.get("overlap_mass_student", math.nan), tm.get("overlap_mass_teacher", math.nan))
     if ratio >= OVERLAP_GOOD and mass >= MASS_GOOD:
         compat = "good"
     elif ratio < OVERLAP_LOW or mass < MASS_LOW:
@@ -86,10 +89,17 @@ def judge(ev: Dict) -> Dict[str, object]:
     if adv:
         words = ", ".join(f"{c:g}: {v:+.3f}" for c, v in adv)
         deep = [v for c, v in adv if c >= 0.5]
-        early = deep and max(deep) <= 0.02 and adv[0][1] > GAP_NONE
-        say("probe", "info", f"continuation probe, teacher minus student accuracy by cut depth {{{words}}}"
-            + (": the teacher's lead lies in the first half of the student's responses (from there the student "
-               "finishes as well as the teacher)" if early else ""))
+        first_cut = next((v for c, v in adv if c > 0), math.nan)
+        if adv[0][0] == 0 and adv[0][1] >= GAP_CLEAR and first_cut <= 0:
+            say("probe", "warn", f"continuation probe, teacher minus student accuracy by cut depth {{{words}}}: the "
+                                 "teacher's lead vanishes as soon as it continues the student's own partial "
+                                 "responses, so its knowledge does not carry over to the student's way of writing "
+                                 "(METHOD.md 4.1)")
+        else:
+            early = deep and max(deep) <= 0.02 and adv[0][1] > GAP_NONE
+            say("probe", "info", f"continuation probe, teacher minus student accuracy by cut depth {{{words}}}"
+                + (": the teacher's lead lies in the first half of the student's responses (from there the "
+                   "student finishes as well as the teacher)" if early else ""))
     auroc = seq.get("reward_auroc", math.nan)
     if _nan(auroc) and seq.get("graded_responses"):
         say("reward", "info", f"the reward's AUROC is undefined: {seq.get('sampled_accuracy', math.nan):.0%} of the "
