@@ -9,7 +9,7 @@ embedded synthetic task, on the CPU:
   f  the set-mass drift of the reward-weighted top-k loss, in numbers, against the renormalised, tail-aware,
      sampled-token and dense reverse-KL losses
 
-    .venv/bin/python examples/phenomenology.py                 # all, ~45 minutes on 2 cores
+    .venv/bin/python examples/phenomenology.py                 # all: 12 runs, two at a time
     .venv/bin/python examples/phenomenology.py --only a b      # some
 
 Every OPD run is `opdcore train` on the synthetic preset (same student, prompts, seed and settings; only the
@@ -104,8 +104,8 @@ class Runs:
     """`opdcore train` runs of the synthetic preset by their settings, each run once (a finished run in OUT is
     reused: rerunning the script continues where it stopped)."""
 
-    def __init__(self, out: str, steps: int, seed: int, setup):
-        self.out, self.steps, self.seed = out, steps, seed
+    def __init__(self, out: str, steps: int, seed: int, setup, jobs: int = 1):
+        self.out, self.steps, self.seed, self.jobs = out, steps, seed, jobs
         self.cache = {}  # name -> metric rows
         # the preset's settings with its models and prompts named, so that a run may swap one of them
         self.base = ["--config", "synthetic", f"model.student={setup.student_dir}",
@@ -129,6 +129,13 @@ class Runs:
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             self.cache[name] = [json.loads(line) for line in f]
         return self.cache[name]
+
+    def train_many(self, items: list) -> None:
+        """Train (name, settings) runs, `jobs` at a time (each run takes one thread)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            list(pool.map(lambda item: self.train(*item), items))
 
     def diagnose(self, name: str, settings: list) -> dict:
         folder = os.path.join(self.out, "diagnose", name)
@@ -166,6 +173,7 @@ def pct(x: float) -> str:
 # ---- the experiments --------------------------------------------------------------------------------------------
 
 def experiment_a(ctx) -> str:
+    ctx.runs.train_many([("compatible", []), ("incompatible", [f"model.teacher={ctx.notation['path']}"])])
     comp = ctx.runs.train("compatible", [])
     inc = ctx.runs.train("incompatible", [f"model.teacher={ctx.notation['path']}"])
     rows = [("compatible (the preset's teacher)", comp, ctx.setup.teacher_accuracy),
@@ -187,6 +195,7 @@ def experiment_a(ctx) -> str:
 
 
 def experiment_b(ctx) -> str:
+    ctx.runs.train_many([("compatible", []), ("weak-teacher", [f"model.teacher={ctx.weak['path']}"])])
     comp = ctx.runs.train("compatible", [])
     weak = ctx.runs.train("weak-teacher", [f"model.teacher={ctx.weak['path']}"])
     table = ["| teacher | teacher accuracy | student 0 -> final | gain | gap recovery |", "|---|---:|---:|---:|---:|"]
@@ -264,6 +273,7 @@ def experiment_e(ctx) -> str:
     lines = ["| loss | k | acc @25 | acc @50 | acc @100 | final | min P_S | max H(p) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     finals = {}
+    ctx.runs.train_many(E_RUNS)
     for name, settings in E_RUNS:
         r = ctx.runs.train(name, settings)
         acc = accuracy(r)
@@ -302,6 +312,7 @@ F_NAMES = {"rw-top16": "reward-weighted top-16", "compatible": "renormalised top
 def experiment_f(ctx) -> str:
     lines = ["| loss | final accuracy | P_S start -> min -> end | lbar start | drift share start | max H(p) |",
              "|---|---:|---:|---:|---:|---:|"]
+    ctx.runs.train_many(F_RUNS)
     for name, settings in F_RUNS:
         r = ctx.runs.train(name, settings)
         train = [x for x in r if x["kind"] == "train"]
@@ -389,13 +400,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="OPD steps per run (the preset's 200)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/phenomenology")
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                   help="runs trained at once, one thread each (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from opdcore.data.presets import prepare_preset
 
     cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
     setup = prepare_preset("synthetic", os.path.join(cache, "synthetic"), seed=args.seed)
-    ctx = argparse.Namespace(out=args.out, curves={}, setup=setup, runs=Runs(args.out, args.steps, args.seed, setup))
+    runs = Runs(args.out, args.steps, args.seed, setup, args.jobs)
+    ctx = argparse.Namespace(out=args.out, curves={}, setup=setup, runs=runs)
     os.makedirs(args.out, exist_ok=True)
     if set(args.only) & {"a", "b", "d"}:
         ctx.notation = build_teacher(ctx.setup, os.path.join(args.out, "models"), "notation", args.seed)

@@ -66,6 +66,12 @@ def test_bad_arguments_are_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_diagnose_refuses_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["diagnose"]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+
+
 def test_diagnose_config_errors_exit_2(capsys):
     assert cli.main(["diagnose", "loss.strategy=nope"]) == 2
     assert "config error: loss.strategy must be one of" in capsys.readouterr().err

@@ -71,6 +71,9 @@ def settings(args, rest) -> list:
 
 def main(argv=None) -> int:
     args, rest = parse(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the evidence is gathered in one process
+        print("error: opdcore diagnose runs in one process (not under torchrun)", file=sys.stderr)
+        return 2
     from opdcore.commands.train import config_path, trainer_from
 
     overrides = settings(args, rest)
