@@ -28,7 +28,14 @@ class Rollout:
 
 
 class RolloutEngine(abc.ABC):
-    """generate() samples n responses per prompt; update_weights() loads the student's new weights."""
+    """generate() samples n responses per prompt; update_weights() loads the student's new weights.
+
+    Capabilities the trainer reads: shares_training_model (it generates with the training model itself, so
+    there are no weights to sync) and synced (its generate is a collective every rank must join, even without
+    prompts of its own)."""
+
+    shares_training_model: bool = False
+    synced: bool = False
 
     @abc.abstractmethod
     def generate(self, prompts: List[List[int]], sampling: SamplingConfig) -> List[Rollout]:
@@ -54,16 +61,3 @@ def stop_token_ids(tokenizer, generation_config=None) -> List[int]:
         raise ValueError("neither the tokenizer nor the model's generation config names an eos token: responses "
                          "would never end")
     return ids
-
-
-def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
-    """Build the engine named by rollout.engine. `model` is the student (hf) or its saved directory (vllm)."""
-    if name == "hf":
-        from opdcore.rollout.hf import HFEngine
-
-        return HFEngine(model, tokenizer, **kwargs)
-    if name == "vllm":
-        from opdcore.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model, tokenizer, **kwargs)
-    raise ValueError(f"rollout engine must be 'hf' or 'vllm', got {name!r}")

@@ -362,7 +362,7 @@ class Trainer:
 
     def sync_engine(self) -> None:
         """Give the rollout engine the student's current weights (a no-op when it generates with them)."""
-        if not getattr(self.engine, "shares_training_model", False):
+        if not self.engine.shares_training_model:
             self.engine.update_weights(full_state_dict(self.student, self.sharded))
 
     def sampling(self) -> SamplingConfig:
@@ -459,7 +459,7 @@ class Trainer:
         # a synced engine joins the other ranks' generation even without prompts of its own
         with self.compute(), phase_peak(peak, "eval"):
             rollouts = engine.generate([self.eval_ids[i] for i in mine], sampling) \
-                if mine or getattr(engine, "synced", False) else []
+                if mine or engine.synced else []
         answers = [self.eval_prompts[mine[r.prompt_index]].answer for r in rollouts]
         correct, preds = self._grade(rollouts, answers)
         no_answer = [p is None for p in preds]

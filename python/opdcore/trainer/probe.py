@@ -34,7 +34,7 @@ def continuation_probe(student: RolloutEngine, teacher: RolloutEngine, prompts: 
         prefixes = [r.response_ids[:int(c * len(r.response_ids))] for r in rollouts]
         starts = [r.prompt_ids + p for r, p in zip(rollouts, prefixes)]
         row = [0.0, 0.0, 0.0]
-        by_t = teacher.generate(starts, greedy) if starts or getattr(teacher, "synced", False) else []
+        by_t = teacher.generate(starts, greedy) if starts or teacher.synced else []
         by_s = student.generate(starts, greedy) if starts else []
         for r, p, t, s in zip(rollouts, prefixes, by_t, by_s):
             ok_t, ok_s = check(r.prompt_index, p + t.response_ids), check(r.prompt_index, p + s.response_ids)
