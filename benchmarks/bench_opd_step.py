@@ -12,43 +12,55 @@ import argparse
 import statistics
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import torch
 
 from opdcore.config import SYNTHETIC_PRESET
 from opdcore.config import load_config
+from opdcore.objectives import LMHead
 from opdcore.ops import StreamResult
 from opdcore.trainer.loop import Trainer
 from opdcore.trainer.models import OPDModel
 
 
-class TorchOPDModel(OPDModel):
-    """The plain way: materialise [tokens, vocab] logits, then log_softmax/topk/gather and autograd."""
+class TorchHead(LMHead):
+    """The plain way: log_softmax/topk/gather on materialised [tokens, vocab] logits, and autograd."""
 
-    def forward(self, input_ids, attention_mask, pred_index, mode, **kw):
-        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-        logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab].float()
-        lp = torch.log_softmax(logits / kw["temperature"], dim=-1)
-        if mode == "score":
-            with torch.no_grad():
-                k = kw["k"]
-                vals, ids = torch.topk(lp, max(k, 1), dim=-1)
-                ent = -(lp.exp() * lp).sum(-1)
-                lse = (logits / kw["temperature"])[:, 0] - lp[:, 0]
-                return StreamResult(ids[:, :k], vals[:, :k], lse, ent, lp.gather(1, kw["ids"]))
-        slp = lp.gather(1, kw["ids"])
-        valid, tq = kw["valid"], kw["teacher_logprobs"]
+    def __init__(self, logits):
+        self.z = logits.float()
+
+    def score(self, k, temperature, ids):
         with torch.no_grad():
-            l = slp - tq
-            if kw["log_ratio_clip"] > 0:
-                l = l.clamp(-kw["log_ratio_clip"], kw["log_ratio_clip"])
-            if kw["weight_mode"] == "none":
+            lp = torch.log_softmax(self.z / temperature, dim=-1)
+            vals, top = torch.topk(lp, max(k, 1), dim=-1)
+            ent = -(lp.exp() * lp).sum(-1)
+            lse = (self.z / temperature)[:, 0] - lp[:, 0]
+            return StreamResult(top[:, :k], vals[:, :k], lse, ent, lp.gather(1, ids))
+
+    def set_loss(self, ids, teacher_logprobs, token_weights, valid=None, *, temperature, weight_mode="none",
+                 log_ratio_clip=0.0, check_logprobs=True):
+        slp = torch.log_softmax(self.z / temperature, dim=-1).gather(1, ids)
+        valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        with torch.no_grad():
+            l = slp - teacher_logprobs
+            if log_ratio_clip > 0:
+                l = l.clamp(-log_ratio_clip, log_ratio_clip)
+            if weight_mode == "none":
                 w = valid / valid.sum(-1, keepdim=True).clamp(min=1)
             else:  # student_p
                 w = torch.softmax(slp.masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
             r = torch.where(valid, -w * l, torch.zeros_like(l))
         per_token = -(r * torch.where(valid, slp, torch.zeros_like(slp))).sum(-1)
-        return (per_token * kw["token_weights"]).sum()
+        return (per_token * token_weights).sum(), SimpleNamespace(rewards=r)
+
+
+class TorchOPDModel(OPDModel):
+    def forward(self, input_ids, attention_mask, pred_index=None, use=None, generate=None):
+        if generate is not None:
+            return super().forward(input_ids, attention_mask, generate=generate)
+        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+        return use(TorchHead(logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]))
 
 
 def run(backend: str, args) -> dict:

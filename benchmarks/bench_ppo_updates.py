@@ -64,7 +64,7 @@ def main() -> int:
     names = args.only or list(VARIANTS)
     os.makedirs(args.out, exist_ok=True)
     # the first run builds and caches the default task's models: do that once before running in parallel
-    subprocess.run([sys.executable, "-c", "from opdcore.data.default_setup import prepare_default_setup as p; "
+    subprocess.run([sys.executable, "-c", "from opdcore.presets.default_setup import prepare_default_setup as p; "
                     "import os; p(os.path.join(os.path.expanduser('~'), '.cache', 'opdcore', 'synthetic'), seed=0)"],
                    check=True)
     outs = {n: os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "_", n).strip("_")) for n in names}

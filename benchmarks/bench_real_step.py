@@ -50,7 +50,7 @@ def plain_worker(out: str, steps: int, threads: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opdcore import reference
-    from opdcore.data.presets import prepare_preset
+    from opdcore.presets import prepare_preset
     from opdcore.data.prompts import load_prompts, render_prompt
     from opdcore.rollout.base import stop_token_ids
     from opdcore.trainer.memory import _hwm_kib, _reset_hwm, run_peak_mib

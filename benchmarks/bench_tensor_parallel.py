@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from harness import median_seconds, peak_extra_mib
 from opdcore.data.synthetic import tiny_llama
+from opdcore.objectives import ObjectiveSpec, Terms, make_objective
 from opdcore.parallel import parallelize
 from opdcore.trainer.models import OPDModel
 
@@ -33,9 +34,8 @@ def _inputs(args):
     pred = torch.arange(b * t)
     sets = torch.stack([torch.randperm(args.vocab, generator=g)[:K] for _ in range(b * t)])
     tq = torch.randn(b * t, K, generator=g).log_softmax(1) - 1.0
-    kw = dict(ids=sets, teacher_logprobs=tq, valid=torch.ones(b * t, K, dtype=torch.bool), weight_mode="student_p",
-              temperature=1.0, log_ratio_clip=0.0, token_weights=torch.full((b * t,), 1.0 / (b * t)))
-    return ids, torch.ones_like(ids), pred, kw
+    terms = Terms(sets, tq, torch.ones(b * t, K, dtype=torch.bool), torch.full((b * t,), 1.0 / (b * t)))
+    return ids, torch.ones_like(ids), pred, terms
 
 
 def _model(args):
@@ -45,10 +45,11 @@ def _model(args):
 
 
 def _measure(model, args):
-    ids, mask, pred, kw = _inputs(args)
+    ids, mask, pred, terms = _inputs(args)
+    objective = make_objective(ObjectiveSpec(topk=K))
 
     def step():  # gradients accumulate across calls: the same work every time
-        model(ids, mask, pred, "loss", **kw).backward()
+        model(ids, mask, pred, lambda head: objective(head, terms)).loss.backward()
 
     sec = median_seconds(step, repeats=args.repeats, warmup=1)
     model.zero_grad(set_to_none=True)  # the measured call allocates the gradients too

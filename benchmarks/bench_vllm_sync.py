@@ -24,7 +24,7 @@ def main():
     torch.set_num_threads(args.threads)
     from safetensors.torch import save_file
 
-    from opdcore.data.smollm2_setup import gguf_to_hf, smollm2_gguf_path
+    from opdcore.presets.smollm2_setup import gguf_to_hf, smollm2_gguf_path
     from opdcore.rollout.vllm_engine import VLLMEngine, distinct_tensors
 
     work = tempfile.mkdtemp(prefix="opdcore-bench-sync-")

@@ -53,7 +53,7 @@ def build_teacher(setup, out_dir: str, kind: str, seed: int) -> dict:
     """A teacher of the default teacher's shape, SFT-trained with the default recipe on the same SFT problems:
     kind "notation" on their other_notation responses, kind "weak" stopped once it reaches the student's
     held-out accuracy (it knows only what the student learned). Cached in out_dir."""
-    from opdcore.data.default_setup import DEFAULT_TEACHER
+    from opdcore.presets.default_setup import DEFAULT_TEACHER
     from opdcore.data.synthetic import tiny_llama
     from opdcore.sft import greedy_accuracy, sft_train
     from opdcore.trainer.models import load_tokenizer
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
                    help="runs trained at once, one thread each (default: 2, or 1 on one core)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from opdcore.data.presets import prepare_preset
+    from opdcore.presets import prepare_preset
 
     cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
     setup = prepare_preset("synthetic", os.path.join(cache, "synthetic"), seed=args.seed)

@@ -482,7 +482,7 @@ def test_greedy_accuracy_scores_with_verify(char_tok, monkeypatch):
 
 import os  # noqa: E402
 
-from opdcore.data import DefaultSetup, prepare_default_setup  # noqa: E402
+from opdcore.presets import DefaultSetup, prepare_default_setup  # noqa: E402
 
 TINY = dict(teacher={"hidden": 16, "layers": 1, "heads": 2, "intermediate": 32},
             student={"hidden": 8, "layers": 1, "heads": 2, "intermediate": 16},
@@ -556,8 +556,8 @@ def test_a_preset_built_for_the_trainer_is_built_in_a_child_process(tmp_path):
     """isolate=True: a cache miss builds in a spawned child (its memory leaves with it); a hit never spawns."""
     import multiprocessing
 
-    from opdcore.data.default_setup import NotCached
-    from opdcore.data.presets import prepare_preset
+    from opdcore.presets.default_setup import NotCached
+    from opdcore.presets import prepare_preset
 
     with pytest.raises(NotCached):
         prepare_default_setup(tmp_path, build=False, **TINY)

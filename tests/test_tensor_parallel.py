@@ -1,5 +1,5 @@
 """Tensor parallelism on 2 real processes (gloo): a DTensor-parallelized tiny Llama and the trainer's model wrapper
-against the same model in one process: hidden states, every OPD loss mode, the full gradient of every parameter
+against the same model in one process: hidden states, every objective, the full gradient of every parameter
 and its clipped norm; tied embeddings stay tied; unsupported models fail with a clear error."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from gloo_workers import spawn
 from opdcore.data.synthetic import tiny_llama
+from opdcore.objectives import ObjectiveSpec, Terms, make_objective
 from opdcore.parallel.tensor_parallel import clip_grad_norm, local_vocab, parallelize, tensor_parallel_plan
 from opdcore.trainer.models import GenerateThroughRoot, OPDModel
 
@@ -32,20 +33,20 @@ def _batch(seed=0):
     return ids, mask, pred, sets, tq, valid, w
 
 
-MODES = [("loss", {}), ("renorm_kl", {}), ("dense", {"divergence": "jsd", "beta": 0.3}),
-         ("loss", {"outcome": True})]
+SPECS = [ObjectiveSpec(topk=K, temperature=0.9, log_ratio_clip=4.0, weight_mode="student_p"),
+         ObjectiveSpec(topk=K, loss="renorm_kl", temperature=0.9),
+         ObjectiveSpec(topk=K, loss="tail_kl", temperature=0.9),
+         ObjectiveSpec(loss="dense", divergence="jsd", beta=0.3, temperature=0.9),
+         ObjectiveSpec(topk=K, temperature=0.9, log_ratio_clip=4.0, outcome_weight=0.5)]
 
 
-def _kwargs(mode, extra, batch, teacher_head=None):
+def _terms(spec, batch, teacher_head=None):
     ids, mask, pred, sets, tq, valid, w = batch
-    kw = dict(ids=sets, teacher_logprobs=tq, valid=valid, weight_mode="student_p", temperature=0.9,
-              log_ratio_clip=4.0, token_weights=w)
-    if mode == "dense":
-        kw.update(teacher_head=teacher_head, teacher_scale=1.0, divergence=extra["divergence"], beta=extra["beta"])
-    if extra.get("outcome"):
-        kw.update(outcome=(sets[:, :1], -torch.rand(len(pred), generator=torch.Generator().manual_seed(1)),
-                           torch.randn(len(pred), generator=torch.Generator().manual_seed(2))), outcome_weight=0.5)
-    return kw
+    outcome = None
+    if spec.outcome_weight:
+        outcome = (sets[:, :1], -torch.rand(len(pred), generator=torch.Generator().manual_seed(1)),
+                   torch.randn(len(pred), generator=torch.Generator().manual_seed(2)))
+    return Terms(sets, tq, valid, w, outcome=outcome, teacher=teacher_head)
 
 
 def _full_grads(model: nn.Module):
@@ -65,11 +66,11 @@ def _matches_one_process(rank, world, tied):
     if tied:
         assert tp_t.hf.get_output_embeddings().weight is tp_t.hf.get_input_embeddings().weight
     off, cols = local_vocab(tp_t.hf.get_output_embeddings().weight, V)
+    score = lambda head: head.score(K, 0.9, batch[3])  # noqa: E731
     with torch.no_grad():
-        s_ref = ref_t(ids, mask, pred, "score", k=K, temperature=0.9, ids=batch[3])
-        s_tp = tp_t(ids, mask, pred, "score", k=K, temperature=0.9, ids=batch[3])
-        t_head_ref = ref_t(ids, mask, pred, "head")
-        t_head_tp = tp_t(ids, mask, pred, "head")
+        s_ref, s_tp = ref_t(ids, mask, pred, score), tp_t(ids, mask, pred, score)
+        t_head_ref = ref_t(ids, mask, pred, lambda head: head.as_teacher())
+        t_head_tp = tp_t(ids, mask, pred, lambda head: head.as_teacher())
     assert torch.equal(s_ref.ids, s_tp.ids)
     torch.testing.assert_close(s_tp.logprobs, s_ref.logprobs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s_tp.lse, s_ref.lse, rtol=1e-5, atol=1e-5)
@@ -78,12 +79,13 @@ def _matches_one_process(rank, world, tied):
     prompt = ids[:2, :4]
     gen = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6, pad_token_id=0)
     assert torch.equal(GenerateThroughRoot(tp_t).generate(prompt, **gen), ref_t.hf.generate(prompt, **gen))
-    ref_logits = t_head_ref[0] @ t_head_ref[1].T if t_head_ref[1] is not None else t_head_ref[0]
-    torch.testing.assert_close(t_head_tp[0], ref_logits[:, off:off + cols], rtol=1e-5, atol=1e-5)
-    for mode, extra in MODES:
+    torch.testing.assert_close(t_head_tp.logits(), t_head_ref.logits()[:, off:off + cols], rtol=1e-5, atol=1e-5)
+    for spec in SPECS:
+        mode = spec.loss
         ref_s, tp_s = OPDModel(make(), V), OPDModel(parallelize(make(), mesh), V, tp_group=mesh.get_group())
-        loss_ref = ref_s(ids, mask, pred, mode, **_kwargs(mode, extra, batch, t_head_ref))
-        loss_tp = tp_s(ids, mask, pred, mode, **_kwargs(mode, extra, batch, t_head_tp))
+        objective = make_objective(spec)
+        loss_ref = ref_s(ids, mask, pred, lambda head: objective(head, _terms(spec, batch, t_head_ref))).loss
+        loss_tp = tp_s(ids, mask, pred, lambda head: objective(head, _terms(spec, batch, t_head_tp))).loss
         torch.testing.assert_close(loss_tp, loss_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{mode}: {m}")
         loss_ref.backward()
         loss_tp.backward()

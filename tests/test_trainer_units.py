@@ -1,11 +1,14 @@
 """Trainer pieces without models: token sets per strategy, aggregation weights, checkpoints, schedules."""
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from opdcore.config import Config
+from opdcore.objectives import ObjectiveSpec
+from opdcore.ops import TokenSet
 from opdcore.trainer import checkpoint, step as S
 from opdcore.trainer.microbatch import MicroBatch
 from opdcore.trainer.schedule import make_scheduler
@@ -37,8 +40,8 @@ def test_token_set_per_strategy(strategy, expected, mode):
     cfg = Config()
     cfg.loss.topk, cfg.loss.strategy = 3, strategy
     sc = _scored([[1, 2, 3]], [[3, 4, 5]])
-    ids, tq, valid, got_mode = S.token_set(sc, _mb([9], [0]), cfg)
-    assert [set(ids[0][valid[0]].tolist())] == expected and got_mode == mode
+    ids, valid, tq = S.token_set(sc, _mb([9], [0]), cfg)
+    assert [set(ids[0][valid[0]].tolist())] == expected and S.objective_spec(cfg).resolved_weight_mode == mode
     # the teacher log-prob of each id comes from the right source: on-student for S, own top-k for T
     for i, q, v in zip(ids[0].tolist(), tq[0].tolist(), valid[0].tolist()):
         assert q == pytest.approx(-0.1 * i)
@@ -48,8 +51,9 @@ def test_sampled_token_set():
     cfg = Config()
     cfg.loss.topk = 0
     sc = _scored([[1]], [[1]])
-    ids, tq, valid, mode = S.token_set(sc, _mb([7], [0]), cfg)
-    assert ids.tolist() == [[7]] and tq[0, 0] == sc.teacher_sampled_lp[0] and valid.all() and mode == "none"
+    ids, valid, tq = S.token_set(sc, _mb([7], [0]), cfg)
+    assert ids.tolist() == [[7]] and tq[0, 0] == sc.teacher_sampled_lp[0] and valid.all()
+    assert S.objective_spec(cfg).resolved_weight_mode == "none"
 
 
 def test_aggregation_weights_give_the_configured_mean():
@@ -58,11 +62,12 @@ def test_aggregation_weights_give_the_configured_mean():
     lengths = {0: 3, 1: 1}
     per_token = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]
     def total(agg, world=1):
-        w = S.token_weights(mbs, lengths, agg, 4.0, 2.0, world)
+        w = S.token_weights(mbs, lengths, ObjectiveSpec(aggregation=agg, norm_length=8), 4.0, 2.0, world)
         return sum(float((p * x).sum()) for p, x in zip(per_token, w))
     assert total("token-mean") == pytest.approx((1 + 2 + 3 + 4) / 4)
     assert total("seq-mean-token-mean") == pytest.approx(((1 + 2 + 3) / 3 + 4 / 1) / 2)
     assert total("seq-mean-token-sum") == pytest.approx(((1 + 2 + 3) + 4) / 2)
+    assert total("seq-mean-token-sum-norm") == pytest.approx(((1 + 2 + 3) + 4) / 2 / 8)
     assert total("token-mean", world=2) == pytest.approx(2 * (1 + 2 + 3 + 4) / 4)
 
 
@@ -164,42 +169,44 @@ def test_micro_batches_match_the_busiest_rank(monkeypatch):
     assert sorted(i for m in busy if m is not None for i in m.indices) == [0, 1, 2]
 
 
+class _ScalarStudent(torch.nn.Module):
+    """A one-parameter "model" that is its own LM head: its set loss is w * sum(token_weights) (or `value`)."""
+
+    def __init__(self, value=None, calls=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.value, self.calls = value, calls
+
+    def forward(self, input_ids, attention_mask, pred_index, use):
+        return use(self)
+
+    def set_loss(self, ids, teacher_logprobs, token_weights, valid=None, **kw):
+        if self.calls is not None:
+            self.calls.append(float(token_weights.sum()))
+        loss = (self.w * (token_weights if self.value is None else self.value)).sum()
+        return loss, SimpleNamespace(rewards=torch.zeros(ids.shape))
+
+
+def _one_set(n):
+    return TokenSet(torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool), torch.zeros(n, 1))
+
+
 def test_update_replays_a_micro_batch_at_weight_zero():
-    cfg = Config()
     calls = []
-
-    class FakeStudent(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, *args, token_weights, **kw):
-            calls.append(float(token_weights.sum()))
-            return (self.w * token_weights).sum()
-
-    student = FakeStudent()
+    student = _ScalarStudent(calls=calls)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     mb = _mb([1, 2], [0, 0])
-    sets = [(None, None, None, "none"), None]
-    out = S.update(student, opt, [mb, None], sets, [torch.tensor([0.5, 0.5]), None], cfg,
+    out = S.update(student, opt, [mb, None], [_one_set(2), None], [torch.tensor([0.5, 0.5]), None], Config(),
                    list(student.parameters()))
     assert calls == [1.0, 0.0]  # the padded slot ran (a collective under FSDP) but contributed nothing
     assert out["loss"] == 1.0 and out["grad_norm"] == pytest.approx(1.0)
 
 
 def test_non_finite_gradient_skips_the_step():
-    class Exploding(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, *args, token_weights, **kw):
-            return (self.w * float("inf")).sum()
-
-    student = Exploding()
+    student = _ScalarStudent(value=float("inf"))
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match="skipping this optimizer step"):
-        out = S.update(student, opt, [_mb([1], [0])], [(None, None, None, "none")], [torch.ones(1)],
+        out = S.update(student, opt, [_mb([1], [0])], [_one_set(1)], [torch.ones(1)],
                        Config(), list(student.parameters()))
     assert out["step_skipped"] == 1.0 and student.w.item() == 1.0
 
@@ -278,7 +285,7 @@ def test_first_ppo_update_is_the_single_update(extra):
     lengths = {i: n for mb in mbs for i, n in zip(*mb.token_seq.unique(return_counts=True))}
     lengths = {int(i): int(n) for i, n in lengths.items()}
     n_tok = sum(mb.num_tokens for mb in mbs)
-    weights = S.token_weights(mbs, lengths, cfg.loss.aggregation, float(n_tok), float(len(lengths)), 1)
+    weights = S.token_weights(mbs, lengths, S.objective_spec(cfg), float(n_tok), float(len(lengths)), 1)
     adv = S.grpo_advantages([0, 1, 0], [1.0, 0.0, 0.0]) if cfg.loss.outcome_weight else None
     outcome = S.outcome_terms(mbs, scored, adv)
     params = list(student.parameters())

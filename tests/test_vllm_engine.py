@@ -94,7 +94,7 @@ def test_trainer_with_vllm_engine(tmp_path):
 REAL_SCRIPT = r'''
 import json, os, sys, time, torch
 if __name__ == "__main__":
-    from opdcore.data.smollm2_setup import gguf_to_hf, smollm2_gguf_path
+    from opdcore.presets.smollm2_setup import gguf_to_hf, smollm2_gguf_path
     from opdcore.data.prompts import render_prompt
     from opdcore.rollout import SamplingConfig
     from opdcore.rollout.hf import HFEngine

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "opdcore/row_math.h"
 #include "row_stream.h"
 
 namespace opdcore {
@@ -13,54 +14,17 @@ using cpu::neg_inf;
 
 namespace {
 
-// Weights over the valid set (METHOD.md 2.3).
-template <typename A>
-void row_weights(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A* w) {
-  const bool use_teacher = mode == WeightMode::kTeacherP || mode == WeightMode::kTeacherPRaw;
-  const A* src = use_teacher ? tlp : slp;
-  int64_t count = 0;
-  A mx = neg_inf<A>();
-  for (int64_t v = 0; v < K; ++v)
-    if (valid[v]) { ++count; mx = std::max(mx, src[v]); }
-  switch (mode) {
-    case WeightMode::kUniform:
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? A(1) / A(count) : A(0);
-      return;
-    case WeightMode::kStudentPRaw:
-    case WeightMode::kTeacherPRaw:
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? std::exp(src[v]) : A(0);
-      return;
-    default: {  // renormalised over the set, in log space so tiny probabilities do not underflow to 0/0
-      A z = 0;
-      for (int64_t v = 0; v < K; ++v)
-        if (valid[v]) z += std::exp(src[v] - mx);
-      const A log_z = mx + std::log(z);
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? std::exp(src[v] - log_z) : A(0);
-    }
-  }
-}
-
-template <typename A>
-Status::Code row_rewards(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A clip,
-                         A* w, A* rew, A* loss) {
-  for (int64_t v = 0; v < K; ++v) {
-    if (!valid[v]) continue;
-    if (!(slp[v] > neg_inf<A>()) || std::isinf(slp[v])) return Status::kBadStudentLogprob;
-    const bool teacher_ok = std::isfinite(tlp[v]) || (clip > 0 && tlp[v] == neg_inf<A>());
-    if (!teacher_ok) return Status::kBadTeacherLogprob;
-  }
-  row_weights(K, slp, tlp, valid, mode, w);
-  A total = 0;
-  for (int64_t v = 0; v < K; ++v) {
-    if (!valid[v]) { rew[v] = 0; continue; }
-    A l = slp[v] - tlp[v];
-    if (clip > 0) l = std::min(std::max(l, -clip), clip);
-    rew[v] = -w[v] * l;
-    total -= rew[v] * slp[v];
-  }
-  *loss = total;
-  return Status::kOk;
-}
+// The row math of opdcore/row_math.h on the CPU.
+struct CpuMath {
+  template <typename A> static A neg_inf() { return cpu::neg_inf<A>(); }
+  template <typename A> static A exp(A x) { return std::exp(x); }
+  template <typename A> static A log(A x) { return std::log(x); }
+  template <typename A> static A max(A a, A b) { return std::max(a, b); }
+  template <typename A> static A min(A a, A b) { return std::min(a, b); }
+  template <typename A> static bool is_finite(A x) { return std::isfinite(x); }
+  template <typename A> static bool is_inf(A x) { return std::isinf(x); }
+  template <typename A> static bool is_nan(A x) { return std::isnan(x); }
+};
 
 }  // namespace
 
@@ -73,7 +37,7 @@ Status opd_rewards(int64_t rows, int64_t K, const A* student_lp, const A* teache
     std::vector<A> w(K);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      const auto code = row_rewards(K, student_lp + r * K, teacher_lp + r * K, valid + r * K, mode, A(clip),
+      const auto code = row_math::rewards<CpuMath>(K, student_lp + r * K, teacher_lp + r * K, valid + r * K, mode, A(clip),
                                     w.data(), rewards + r * K, loss + r);
       if (code != Status::kOk) cpu::record_failure(&status, code, r);
     }
@@ -111,7 +75,7 @@ Status opd_topk_loss_forward(const T* logits, int64_t rows, int64_t V, int64_t r
       lse[r] = l;
       A* slp = student_lp + r * K;
       for (int64_t q = 0; q < K; ++q) slp[q] = (tv[q] - mx) - log_s;  // exact at large offsets
-      const auto code = row_rewards(K, slp, teacher_lp + r * K, valid + r * K, mode, A(clip), w.data(),
+      const auto code = row_math::rewards<CpuMath>(K, slp, teacher_lp + r * K, valid + r * K, mode, A(clip), w.data(),
                                     rewards + r * K, loss + r);
       if (code != Status::kOk) cpu::record_failure(&status, code, r);
     }
@@ -163,35 +127,9 @@ Status renorm_kl_forward(int64_t rows, int64_t K, const A* set_logits, const A* 
   const A inv_t = A(1.0 / temperature);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    const A* z = set_logits + r * K;
-    const A* tq = teacher_lp + r * K;
-    const bool* ok = valid + r * K;
-    A* pb = pbar + r * K;
-    A* lr = log_ratio + r * K;
-    A zmax = neg_inf<A>(), qmax = neg_inf<A>();
-    bool bad_t = false, bad_s = false;
-    for (int64_t v = 0; v < K; ++v) {
-      if (!ok[v]) continue;
-      bad_t |= !std::isfinite(tq[v]);
-      bad_s |= std::isnan(z[v]) || z[v] == -neg_inf<A>();
-      zmax = std::max(zmax, z[v] * inv_t);
-      qmax = std::max(qmax, tq[v]);
-    }
-    if (bad_t) { cpu::record_failure(&status, Status::kBadTeacherLogprob, r); continue; }
-    if (bad_s) { cpu::record_failure(&status, Status::kNonFinite, r); continue; }
-    A zs = 0, qs = 0;
-    for (int64_t v = 0; v < K; ++v)
-      if (ok[v]) { zs += std::exp(z[v] * inv_t - zmax); qs += std::exp(tq[v] - qmax); }
-    const A zl = zmax + std::log(zs), ql = qmax + std::log(qs);
-    A kl = 0;
-    for (int64_t v = 0; v < K; ++v) {
-      if (!ok[v] || zmax == neg_inf<A>()) { pb[v] = 0; lr[v] = 0; continue; }
-      const A lp = z[v] * inv_t - zl;
-      pb[v] = std::exp(lp);
-      lr[v] = pb[v] > 0 ? lp - (tq[v] - ql) : A(0);  // a zero-probability entry contributes nothing
-      kl += pb[v] * lr[v];
-    }
-    loss[r] = kl;
+    const auto code = row_math::renorm_kl<CpuMath>(K, set_logits + r * K, teacher_lp + r * K, valid + r * K, inv_t,
+                                                   pbar + r * K, log_ratio + r * K, loss + r);
+    if (code != Status::kOk) cpu::record_failure(&status, code, r);
   }
   return status;
 }
@@ -205,7 +143,7 @@ void renorm_kl_backward(int64_t rows, int64_t K, const A* pbar, const A* log_rat
     const A g = grad_loss[r] * inv_t;
     for (int64_t v = 0; v < K; ++v) {
       const int64_t i = r * K + v;
-      grad_set_logits[i] = g * pbar[i] * (log_ratio[i] - loss[r]);
+      grad_set_logits[i] = row_math::renorm_kl_grad(g, pbar[i], log_ratio[i], loss[r]);
     }
   }
 }

@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA kernels: storage conversions, 16-byte vector (un)packing, candidate keys
 // with the CPU's top-k order, bitonic sorts, the streaming (max, sumexp, entropy) algebra, status recording,
-// and the per-row OPD reward math (a line-by-line port of csrc/cpu/opd_loss.cpp).
+// and the per-row OPD reward math (opdcore/row_math.h with the device's exp/log).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -11,6 +11,7 @@
 
 #include "opdcore/common.h"
 #include "opdcore/opd_loss.h"
+#include "opdcore/row_math.h"
 #include "opdcore/topk_stream.h"
 
 namespace opdcore {
@@ -243,54 +244,23 @@ __device__ __forceinline__ void record_status(unsigned long long* st, Status::Co
   if (st) atomicMin(st, (static_cast<unsigned long long>(row) << 8) | static_cast<unsigned long long>(code));
 }
 
-// ---- OPD rewards on one row (port of csrc/cpu/opd_loss.cpp row_weights / row_rewards) ---------------------
-// `rew` doubles as the weight scratch: w[v] is read only to form rew[v].
-template <typename A>
-__device__ void row_weights(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A* w) {
-  const bool use_teacher = mode == WeightMode::kTeacherP || mode == WeightMode::kTeacherPRaw;
-  const A* src = use_teacher ? tlp : slp;
-  int64_t count = 0;
-  A mx = neg_inf<A>();
-  for (int64_t v = 0; v < K; ++v)
-    if (valid[v]) { ++count; mx = amax(mx, src[v]); }
-  switch (mode) {
-    case WeightMode::kUniform:
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? A(1) / A(count) : A(0);
-      return;
-    case WeightMode::kStudentPRaw:
-    case WeightMode::kTeacherPRaw:
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? acc_exp(src[v]) : A(0);
-      return;
-    default: {  // renormalised over the set, in log space so tiny probabilities do not underflow to 0/0
-      A z = 0;
-      for (int64_t v = 0; v < K; ++v)
-        if (valid[v]) z += acc_exp(src[v] - mx);
-      const A log_z = mx + acc_log(z);
-      for (int64_t v = 0; v < K; ++v) w[v] = valid[v] ? acc_exp(src[v] - log_z) : A(0);
-    }
-  }
-}
+// ---- the per-row loss math of opdcore/row_math.h, with the device's accurate exp/log --------------------------
+struct DevMath {
+  template <typename A> __device__ static A neg_inf() { return dev::neg_inf<A>(); }
+  template <typename A> __device__ static A exp(A x) { return acc_exp(x); }
+  template <typename A> __device__ static A log(A x) { return acc_log(x); }
+  template <typename A> __device__ static A max(A a, A b) { return amax(a, b); }
+  template <typename A> __device__ static A min(A a, A b) { return amin(a, b); }
+  template <typename A> __device__ static bool is_finite(A x) { return isfinite(x); }
+  template <typename A> __device__ static bool is_inf(A x) { return isinf(x); }
+  template <typename A> __device__ static bool is_nan(A x) { return isnan(x); }
+};
 
+// `rew` doubles as the weight scratch (row_math::rewards allows the alias).
 template <typename A>
 __device__ Status::Code row_rewards(int64_t K, const A* slp, const A* tlp, const bool* valid, WeightMode mode, A clip,
                                     A* rew, A* loss) {
-  for (int64_t v = 0; v < K; ++v) {
-    if (!valid[v]) continue;
-    if (!(slp[v] > neg_inf<A>()) || isinf(slp[v])) return Status::kBadStudentLogprob;
-    const bool teacher_ok = isfinite(tlp[v]) || (clip > 0 && tlp[v] == neg_inf<A>());
-    if (!teacher_ok) return Status::kBadTeacherLogprob;
-  }
-  row_weights(K, slp, tlp, valid, mode, rew);
-  A total = 0;
-  for (int64_t v = 0; v < K; ++v) {
-    if (!valid[v]) { rew[v] = 0; continue; }
-    A l = slp[v] - tlp[v];
-    if (clip > 0) l = amin(amax(l, -clip), clip);
-    rew[v] = -rew[v] * l;
-    total -= rew[v] * slp[v];
-  }
-  *loss = total;
-  return Status::kOk;
+  return row_math::rewards<DevMath>(K, slp, tlp, valid, mode, clip, rew, rew, loss);
 }
 
 }  // namespace dev

@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) loss_backward_kernel(const T* logits
   }
 }
 
-// One thread per row (port of the CPU renorm_kl_forward).
+// One thread per row (opdcore/row_math.h, as the CPU renorm_kl_forward).
 template <typename A>
 __global__ void __launch_bounds__(kThreads) renorm_kl_fwd_kernel(int64_t rows, int64_t K, const A* __restrict__ set_logits,
                                                                   const A* __restrict__ teacher_lp,
@@ -127,35 +127,9 @@ __global__ void __launch_bounds__(kThreads) renorm_kl_fwd_kernel(int64_t rows, i
                                                                   A* __restrict__ loss, A* __restrict__ pbar,
                                                                   A* __restrict__ log_ratio, unsigned long long* status) {
   for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < rows; r += int64_t(gridDim.x) * blockDim.x) {
-    const A* z = set_logits + r * K;
-    const A* tq = teacher_lp + r * K;
-    const bool* ok = valid + r * K;
-    A* pb = pbar + r * K;
-    A* lr = log_ratio + r * K;
-    A zmax = neg_inf<A>(), qmax = neg_inf<A>();
-    bool bad_t = false, bad_s = false;
-    for (int64_t v = 0; v < K; ++v) {
-      if (!ok[v]) continue;
-      bad_t |= !isfinite(tq[v]);
-      bad_s |= isnan(z[v]) || z[v] == pos_inf<A>();
-      zmax = amax(zmax, z[v] * inv_t);
-      qmax = amax(qmax, tq[v]);
-    }
-    if (bad_t) { record_status(status, Status::kBadTeacherLogprob, r); continue; }
-    if (bad_s) { record_status(status, Status::kNonFinite, r); continue; }
-    A zs = 0, qs = 0;
-    for (int64_t v = 0; v < K; ++v)
-      if (ok[v]) { zs += acc_exp(z[v] * inv_t - zmax); qs += acc_exp(tq[v] - qmax); }
-    const A zl = zmax + acc_log(zs), ql = qmax + acc_log(qs);
-    A kl = 0;
-    for (int64_t v = 0; v < K; ++v) {
-      if (!ok[v] || zmax == neg_inf<A>()) { pb[v] = 0; lr[v] = 0; continue; }
-      const A lp = z[v] * inv_t - zl;
-      pb[v] = acc_exp(lp);
-      lr[v] = pb[v] > 0 ? lp - (tq[v] - ql) : A(0);  // a zero-probability entry contributes nothing
-      kl += pb[v] * lr[v];
-    }
-    loss[r] = kl;
+    const Status::Code code = row_math::renorm_kl<DevMath>(K, set_logits + r * K, teacher_lp + r * K, valid + r * K,
+                                                           inv_t, pbar + r * K, log_ratio + r * K, loss + r);
+    if (code != Status::kOk) record_status(status, code, r);
   }
 }
 
@@ -169,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) renorm_kl_bwd_kernel(int64_t rows, i
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / K;
     const A g = grad_loss[r] * inv_t;
-    grad[i] = g * pbar[i] * (log_ratio[i] - loss[r]);
+    grad[i] = row_math::renorm_kl_grad(g, pbar[i], log_ratio[i], loss[r]);
   }
 }
 

@@ -119,8 +119,8 @@ inline StreamState<A> state_view(at::Tensor& max, at::Tensor& sumexp, at::Tensor
 }
 
 inline WeightMode weight_mode_from(int64_t w) {
-  TORCH_CHECK(w >= 0 && w <= 4, "weight_mode must be 0..4 (student_p, teacher_p, none, student_p_raw, "
-              "teacher_p_raw), got ", w);
+  TORCH_CHECK(w >= 0 && w <= 5, "weight_mode must be 0..5 (student_p, teacher_p, none, student_p_raw, "
+              "teacher_p_raw, none_raw), got ", w);
   return static_cast<WeightMode>(w);
 }
 

@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import yaml
 
-from opdcore.data.presets import PRESETS
+from opdcore.presets import PRESETS
 from opdcore.data.reward import EXTRACTIONS, AnswerChecker
-from opdcore.losses import AGGREGATIONS
+from opdcore.objectives.aggregation import AGGREGATIONS
 from opdcore.ops import DIVERGENCES, STRATEGIES, STRATEGY_ALIASES, WEIGHT_MODES
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "configs")  # the presets' YAML files
@@ -86,7 +86,8 @@ class LossConfig:
     strategy: str = "student"  # student | teacher | intersection | union | symmetric_difference (+ fork aliases)
     weight_mode: str = "auto"  # auto (student_p; student_p_raw for symmetric_difference) or a WEIGHT_MODES name
     log_ratio_clip: float = 0.0  # 0: off
-    aggregation: str = "token-mean"
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm
+    aggregation_norm: int = 0  # seq-mean-token-sum-norm's constant (verl's loss_scale_factor); 0: max_new_tokens
     renorm_kl: bool = False  # exact renormalised top-k reverse KL (METHOD.md 2.4)
     tail_kl: bool = False  # tail-aware top-k KL: the reverse KL of the set's ids plus a rest bin (METHOD.md 2.4)
     dense: str = "none"  # none | forward_kl | reverse_kl | jsd: full-vocabulary divergence (METHOD.md 2.5)
@@ -198,6 +199,7 @@ RANGES = [
     ("loss.teacher_temperature", lambda v: 0 < v <= 10, "in (0, 10]"),
     ("loss.outcome_weight", lambda v: v >= 0, ">= 0"),
     ("loss.dense_beta", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("loss.aggregation_norm", lambda v: v >= 0, ">= 0 (0: rollout.max_new_tokens)"),
     ("loss.rollout_is_cap", lambda v: v == 0 or v >= 1, ">= 1 (0: off)"),
     ("loss.ppo_clip", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("loss.ppo_clip_high", lambda v: v is None or v >= 0, ">= 0 (null: loss.ppo_clip)"),

@@ -43,6 +43,8 @@ def opd_weights(student_lp, teacher_lp, valid, weight_mode: str):
     if weight_mode == "none":
         count = valid.sum(-1, keepdim=True).clamp(min=1)
         return valid.to(student_lp.dtype) / count
+    if weight_mode == "none_raw":
+        return valid.to(student_lp.dtype)
     src = student_lp if weight_mode in ("student_p", "student_p_raw") else teacher_lp
     masked = src.masked_fill(~valid, float("-inf"))
     if weight_mode in _RAW:

@@ -20,6 +20,7 @@ enum class WeightMode : int {
   kUniform = 2,      // 1 / |set|
   kStudentPRaw = 3,  // p(v), not renormalised (symmetric_difference default in the reference)
   kTeacherPRaw = 4,  // q(v), not renormalised
+  kNoneRaw = 5,      // 1 per id (the reference fork's "none" for union-intersection, where it never renormalises)
 };
 
 // Rewards and per-row loss from log-probs on the set (no vocabulary pass). Shared by the unfused kernel and

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     if "synthetic" in (args.teacher, args.student):
         if args.teacher != args.student:
             raise SystemExit("--teacher and --student must both be 'synthetic' (or both paths)")
-        from opdcore.data.default_setup import prepare_default_setup
+        from opdcore.presets.default_setup import prepare_default_setup
 
         cache = os.environ.get("OPDCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "opdcore"))
         s = prepare_default_setup(os.path.join(cache, "synthetic"), seed=args.seed)

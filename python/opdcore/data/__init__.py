@@ -1,6 +1,5 @@
-"""Data for the trainer: prompt sets and their rendering, the verifiable reward, and the embedded synthetic task
-(opdcore.sft holds the SFT loop and greedy accuracy)."""
-from opdcore.data.default_setup import DefaultSetup, prepare_default_setup
+"""Data for the trainer: prompt sets and their rendering, the verifiable reward, and the synthetic task
+(opdcore.presets builds the embedded presets from it; opdcore.sft holds the SFT loop and greedy accuracy)."""
 from opdcore.data.prompts import PromptExample, PromptSampler, filter_long, load_prompts, render_prompt
 from opdcore.data.reward import answers_match, extract_answer, normalize_answer, verify
 from opdcore.data.synthetic import (
@@ -12,7 +11,7 @@ from opdcore.data.synthetic import (
 )
 
 __all__ = [
-    "DefaultSetup", "PromptExample", "PromptSampler", "addition_procedure", "answers_match", "build_char_tokenizer",
+    "PromptExample", "PromptSampler", "addition_procedure", "answers_match", "build_char_tokenizer",
     "extract_answer", "filter_long", "load_prompts", "make_addition_problems", "normalize_answer",
-    "parse_procedure_answer", "prepare_default_setup", "render_prompt", "tiny_llama", "verify",
+    "parse_procedure_answer", "render_prompt", "tiny_llama", "verify",
 ]

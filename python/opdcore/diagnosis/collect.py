@@ -81,7 +81,7 @@ def collect(trainer, num_prompts: int, progress: bool = True) -> Dict[str, objec
         profiles[name] = torch.where(pc > 0, ps / pc.clamp(min=1), torch.full_like(ps, math.nan)).tolist()
     evidence: Dict[str, object] = {
         "prompts": n, "responses": len(lengths), "tokens": int(sums["student_entropy"][1]), "k": cfg.loss.topk,
-        "loss": S.objective(cfg),  # the configured loss: the drift of METHOD.md 2.3 concerns "loss" only
+        "loss": S.objective_spec(cfg).loss,  # the drift of METHOD.md 2.3 concerns "reward_weighted" only
         "vocab": trainer.vocab, "max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.rollout.temperature,
         "token_means": means, "profiles": profiles,
         "sequence": {

@@ -27,7 +27,7 @@ DRIFT_MASS, DRIFT_LBAR, DRIFT_LBAR_HIGH = 0.9, 0.05, 0.3
 TRUNCATED_HIGH, LATE_OVERLAP_DROP, LONG_RESPONSES = 0.3, 0.8, 4096
 
 LOSS_NAMES = {"renorm_kl": "renormalised top-k KL", "tail_kl": "tail-aware top-k KL",
-              "dense": "dense divergence", "loss": "reward-weighted top-k loss"}
+              "dense": "dense divergence", "reward_weighted": "reward-weighted top-k loss"}
 
 VERDICTS = {
     "go": "OPD should work here",
@@ -114,12 +114,12 @@ def judge(ev: Dict) -> Dict[str, object]:
                         tm.get("student_topk_drift_share", math.nan))
     drift = "bad" if lbar > DRIFT_LBAR_HIGH or (p_s < DRIFT_MASS and lbar > DRIFT_LBAR) else \
         "warn" if lbar > DRIFT_LBAR else "good"
-    configured = ev.get("loss", "loss")  # the trainer's objective: only the reward-weighted "loss" drifts
+    configured = ev.get("loss", "reward_weighted")  # the objective (ObjectiveSpec.loss): only this one drifts
     text = (f"the student's top-{k} holds P_S = {p_s:.3f} of its probability, lbar = {lbar:+.3f} (> 0: the "
             f"reward-weighted top-{k} loss lowers P_S, METHOD.md 2.3); the drift is {share:.0%} of that loss's "
             "gradient on the set's logits now, and grows as P_S falls")
     name = LOSS_NAMES.get(configured, configured)
-    if configured == "loss":
+    if configured == "reward_weighted":
         say("set-mass drift", drift, text)
         if drift == "bad":
             recs.append(f"Loss: loss.renorm_kl=true (the exact renormalised top-{k} KL), loss.tail_kl=true (the "

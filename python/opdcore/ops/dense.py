@@ -9,7 +9,7 @@ import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device, check_devices
-from opdcore.ops.topk import _check_weighted
+from opdcore.ops.topk import check_weighted
 
 _ops = torch.ops.opdcore
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -114,7 +114,7 @@ def dense_divergence_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor,
     if teacher_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"vocabulary mismatch: weight has {weight.shape[0]} rows but teacher_weight has "
                          f"{teacher_weight.shape[0]} (slice both LM heads to one vocabulary)")
-    _check_weighted(hidden, token_weights, max_block_elements)
+    check_weighted(hidden, token_weights, max_block_elements)
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
     return _WeightedLinearDense.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(),

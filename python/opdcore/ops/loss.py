@@ -12,11 +12,12 @@ import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device, check_devices
-from opdcore.ops.topk import StreamState, _as_long, _check_linear, _check_weighted, iter_head_chunks
+from opdcore.ops.topk import StreamState, as_long, check_linear, check_weighted, iter_head_chunks
 
 _ops = torch.ops.opdcore
 
-WEIGHT_MODES = ("student_p", "teacher_p", "none", "student_p_raw", "teacher_p_raw")
+# none: 1/|set|; none_raw: 1 per id (the reference fork's "none" for union-intersection, which never renormalises)
+WEIGHT_MODES = ("student_p", "teacher_p", "none", "student_p_raw", "teacher_p_raw", "none_raw")
 
 
 def weight_mode_index(name: str) -> int:
@@ -32,10 +33,10 @@ class OPDLoss(NamedTuple):
     lse: torch.Tensor  # [N]
 
 
-def _prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_logprobs", logprobs: bool = True):
+def prepare_set(ids, teacher_logprobs, valid, rows: int, name: str = "teacher_logprobs", logprobs: bool = True):
     """(ids, the per-entry values named `name`, valid) checked against each other and the row count; logprobs:
     the values are log-probs (a positive one at a valid entry means logits were passed: an error)."""
-    ids = _as_long(ids, "ids")
+    ids = as_long(ids, "ids")
     if valid is None:
         valid = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
     if teacher_logprobs.shape != ids.shape:
@@ -98,7 +99,7 @@ def opd_topk_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logpr
     term passes log p_rollout + A.
     """
     check_devices(student_logits=student_logits, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0] if student_logits.dim() else -1,
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0] if student_logits.dim() else -1,
                                   logprobs=check_logprobs)
     return OPDLoss(*_ops.opd_topk_loss_fwd(student_logits, ids, tq, valid, weight_mode_index(weight_mode),
                                            float(temperature), float(log_ratio_clip)))
@@ -130,7 +131,7 @@ def renorm_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logp
     check_devices(student_logits=student_logits, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0])
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, student_logits.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= student_logits.shape[1]):
         raise ValueError(f"ids holds an id outside [0, vocab={student_logits.shape[1]})")
     set_logits = student_logits.gather(1, ids)
@@ -184,8 +185,8 @@ def opd_topk_loss_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.
     Peak extra memory is O(N * chunk_size) instead of O(N * V); gradients flow to hidden and weight.
     """
     check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
-    chunk = _check_linear(hidden, weight, chunk_size)
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    chunk = check_linear(hidden, weight, chunk_size)
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
     if log_ratio_clip < 0:
@@ -202,8 +203,8 @@ def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
     """renorm_topk_kl on logits = hidden @ weight.T: only K dot products per token, the K head rows gathered
     for at most max_block_elements / (K * H) rows at a time (a cache-sized workspace: 16 MiB in float32)."""
     check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs, valid=valid)
-    _check_linear(hidden, weight, None)
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
+    check_linear(hidden, weight, None)
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, hidden.shape[0])
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
     if max_block_elements < 1:
@@ -348,7 +349,7 @@ class WeightedLinearSetLoss(torch.autograd.Function):
     @staticmethod
     def run(hidden, weight, rule, token_weights, max_block_elements: int):
         """Checks token_weights and the block budget, then applies: (total, loss, coefficients, slp, lse)."""
-        _check_weighted(hidden, token_weights, max_block_elements)
+        check_weighted(hidden, token_weights, max_block_elements)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
         return WeightedLinearSetLoss.apply(hidden, weight, token_weights.detach().to(acc).contiguous(), rule, rows)
@@ -367,8 +368,8 @@ def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
     """
     check_devices(hidden=hidden, weight=weight, ids=ids,
                   teacher_logprobs=teacher_logprobs, token_weights=token_weights, valid=valid)
-    _check_linear(hidden, weight, None)
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, hidden.shape[0], logprobs=check_logprobs)
+    check_linear(hidden, weight, None)
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, hidden.shape[0], logprobs=check_logprobs)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         raise ValueError(f"ids holds an id outside [0, vocab={weight.shape[0]})")
     if log_ratio_clip < 0:

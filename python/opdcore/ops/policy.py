@@ -21,8 +21,8 @@ from typing import NamedTuple, Optional
 import torch
 
 from opdcore.ops._device import check_device, check_devices
-from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, _prepare_set
-from opdcore.ops.topk import _as_long, _check_linear
+from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, prepare_set
+from opdcore.ops.topk import as_long, check_linear
 
 _ops = torch.ops.opdcore
 
@@ -101,7 +101,7 @@ def prepare_ppo(ids, old_logprobs, advantages, valid, rows: int, acc: torch.dtyp
     clip = check_clip(clip_low, clip_high, dual_clip)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    ids, old, valid = _prepare_set(_as_long(ids, "ids"), old_logprobs, valid, rows, name="old_logprobs")
+    ids, old, valid = prepare_set(as_long(ids, "ids"), old_logprobs, valid, rows, name="old_logprobs")
     for name, t in (("old_logprobs", old), ("advantages", advantages)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {getattr(t, 'dtype', type(t))}")
@@ -149,7 +149,7 @@ def ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
     in the forward over row blocks (as opd_topk_loss_linear_weighted: three head matmuls, never [N, V])."""
     check_devices(hidden=hidden, weight=weight, ids=ids,
                   old_logprobs=old_logprobs, advantages=advantages, token_weights=token_weights, valid=valid)
-    _check_linear(hidden, weight, None)
+    check_linear(hidden, weight, None)
     _check_id_range(ids, weight.shape[0])
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rule = prepare_ppo(ids, old_logprobs, advantages, valid, hidden.shape[0], acc, temperature, clip_low, clip_high,

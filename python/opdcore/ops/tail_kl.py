@@ -23,9 +23,9 @@ from typing import NamedTuple, Optional
 import torch
 
 from opdcore.ops._device import check_devices
-from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, _prepare_set
+from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, prepare_set
 from opdcore.ops.policy import _check_id_range
-from opdcore.ops.topk import _check_linear
+from opdcore.ops.topk import check_linear
 
 _ops = torch.ops.opdcore
 
@@ -95,7 +95,7 @@ def prepare_tail_kl(ids, teacher_logprobs, valid, rows: int, acc: torch.dtype, t
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not log_ratio_clip >= 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
-    ids, tq, valid = _prepare_set(ids, teacher_logprobs, valid, rows)
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, rows)
     if not tq.is_floating_point():
         raise TypeError(f"teacher_logprobs must be a floating tensor, got {tq.dtype}")
     if valid.shape != ids.shape or valid.dtype != torch.bool:
@@ -137,7 +137,7 @@ def tail_topk_kl_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids
     over row blocks (three head matmuls, never [N, V]; as opd_topk_loss_linear_weighted)."""
     check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs,
                   token_weights=token_weights, valid=valid)
-    _check_linear(hidden, weight, None)
+    check_linear(hidden, weight, None)
     _check_id_range(ids, weight.shape[0])
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rule = prepare_tail_kl(ids, teacher_logprobs, valid, hidden.shape[0], acc, temperature, log_ratio_clip)

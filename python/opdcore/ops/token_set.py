@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from opdcore.ops._device import check_devices
-from opdcore.ops.topk import _as_long
+from opdcore.ops.topk import as_long
 
 STRATEGIES = ("student", "teacher", "intersection", "union", "symmetric_difference")
 # Names used by the reference verl fork.
@@ -23,6 +23,12 @@ def canonical_strategy(name: str) -> str:
         raise ValueError(
             f"strategy must be one of {STRATEGIES} (or the aliases {tuple(STRATEGY_ALIASES)}), got {name!r}")
     return s
+
+
+def set_is_student_topk(strategy: str) -> bool:
+    """Whether the strategy's set lies in the student's top-k columns (student, intersection): the student's log-probs
+    on it are those of its own top-k."""
+    return canonical_strategy(strategy) in ("student", "intersection")
 
 
 class TokenSet(NamedTuple):
@@ -47,9 +53,9 @@ def build_token_set(student_ids: torch.Tensor, teacher_ids: Optional[torch.Tenso
     teacher_topk_logprobs the teacher's own top-k log-probs; each is needed only where its columns are used.
     """
     s = canonical_strategy(strategy)
-    student_ids = _as_long(student_ids, "student_ids")  # float ids would be truncated silently
+    student_ids = as_long(student_ids, "student_ids")  # float ids would be truncated silently
     if teacher_ids is not None:
-        teacher_ids = _as_long(teacher_ids, "teacher_ids")
+        teacher_ids = as_long(teacher_ids, "teacher_ids")
     check_devices(student_ids=student_ids, teacher_ids=teacher_ids,
                   teacher_logprobs_on_student=teacher_logprobs_on_student, teacher_topk_logprobs=teacher_topk_logprobs)
     if student_ids.dim() != 2:
@@ -67,7 +73,7 @@ def build_token_set(student_ids: torch.Tensor, teacher_ids: Optional[torch.Tenso
     uses_student = s != "teacher"
     uses_teacher = s in ("teacher", "union", "symmetric_difference")
     tq = None
-    if s in ("student", "intersection"):
+    if set_is_student_topk(s):
         ids = student_ids
         valid = torch.ones_like(ids, dtype=torch.bool) if s == "student" else _member(student_ids, teacher_ids)
     elif s == "teacher":

@@ -42,10 +42,10 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.
     """Full-vocabulary log-probs at ids [N, m] (and lse [N]) in one pass; ids outside [0, V) are an error. Not
     differentiable, like topk_logprobs."""
     check_devices(logits=logits, ids=ids)
-    return _ops.logprobs_at(logits.detach(), _as_long(ids, "ids"), float(temperature))
+    return _ops.logprobs_at(logits.detach(), as_long(ids, "ids"), float(temperature))
 
 
-def _as_long(ids: torch.Tensor, name: str) -> torch.Tensor:
+def as_long(ids: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     return ids.long()
@@ -74,7 +74,7 @@ class StreamState:
         self.heap_ids = torch.full((rows, k), _EMPTY_ID, dtype=torch.int64, device=device)
         if target_ids is None:
             target_ids = torch.empty(rows, 0, dtype=torch.int64, device=device)
-        target_ids = _as_long(target_ids, "target_ids")
+        target_ids = as_long(target_ids, "target_ids")
         if target_ids.dim() != 2 or target_ids.shape[0] != rows:
             raise ValueError(f"target_ids must be [rows={rows}, m], got {tuple(target_ids.shape)}")
         if target_ids.numel() and int(target_ids.min()) < 0:
@@ -119,7 +119,7 @@ class StreamState:
         return StreamResult(*_ops.stream_finalize(*self._tensors()))
 
 
-def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int]) -> int:
+def check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optional[int]) -> int:
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
@@ -138,7 +138,7 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Option
     return min(chunk, weight.shape[0])
 
 
-def _check_weighted(hidden: torch.Tensor, token_weights: torch.Tensor, max_block_elements: int) -> None:
+def check_weighted(hidden: torch.Tensor, token_weights: torch.Tensor, max_block_elements: int) -> None:
     """The arguments of the row-block losses that form their gradient in the forward."""
     if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():
         raise ValueError(f"token_weights must be a floating [N={hidden.shape[0]}] tensor, got "
@@ -167,7 +167,7 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature:
     Optionally also returns log-probs at ids [N, m] from the same pass (target_logprobs).
     """
     check_devices(hidden=hidden, weight=weight, ids=ids)
-    chunk = _check_linear(hidden, weight, chunk_size)
+    chunk = check_linear(hidden, weight, chunk_size)
     if ids is not None and ids.numel() and int(ids.max()) >= weight.shape[0]:
         raise ValueError(f"ids holds an id >= vocab size {weight.shape[0]}")
     if k > weight.shape[0]:

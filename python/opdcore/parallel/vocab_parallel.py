@@ -17,15 +17,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from opdcore.ops import OPDLoss, StreamResult, StreamState, weight_mode_index
-from opdcore.ops import dense as _dense
-from opdcore.ops import loss as _loss
-from opdcore.ops import policy as _policy
-from opdcore.ops import tail_kl as _tail
-from opdcore.ops.policy import PPOLoss
-from opdcore.ops.tail_kl import TailKL
-from opdcore.ops._autograd import scaled_saved_grads
-from opdcore.ops.topk import _as_long, _check_linear, _check_weighted, iter_head_chunks
+from opdcore.ops import OPDLoss, PPOLoss, StreamResult, StreamState, TailKL, weight_mode_index
+from opdcore.ops.blocks import (OPDRule, as_long, check_linear, check_weighted, divergence_index, iter_head_chunks,
+                                kernels, prepare_ppo, prepare_set, prepare_tail_kl, scaled_saved_grads)
 
 
 def shard_range(vocab_size: int, rank: int, world_size: int) -> Tuple[int, int]:
@@ -129,7 +123,7 @@ def _stream_shards(what, rows, cols, k, ids, acc, device, temperature, feed, gro
     err = None
     try:
         if ids is not None:
-            ids = _as_long(ids, "ids")
+            ids = as_long(ids, "ids")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
     except (TypeError, ValueError) as e:
@@ -169,7 +163,7 @@ def vocab_parallel_linear_topk(hidden: torch.Tensor, weight_shard: torch.Tensor,
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
     def feed(state, offset):
-        for off, logits in iter_head_chunks(hidden, weight_shard, _check_linear(hidden, weight_shard, chunk_size)):
+        for off, logits in iter_head_chunks(hidden, weight_shard, check_linear(hidden, weight_shard, chunk_size)):
             state.update(logits, offset + off)
 
     rows = hidden.shape[0] if hidden.dim() == 2 else -1
@@ -201,7 +195,7 @@ class _VocabParallelSetLoss(torch.autograd.Function):
         logits_shard, lse, coef = ctx.saved_tensors
         grad = logits_shard.detach().clone(memory_format=torch.contiguous_format)
         # the local slice of the full gradient: dense softmax term + the set terms of ids in this shard
-        _loss._ops.opd_topk_loss_bwd_chunk_(grad, ctx.offset, grad_loss.contiguous(), lse, ctx.rule.ids, coef,
+        kernels.opd_topk_loss_bwd_chunk_(grad, ctx.offset, grad_loss.contiguous(), lse, ctx.rule.ids, coef,
                                             ctx.rule.temperature)
         return grad, None, None, None
 
@@ -215,11 +209,11 @@ def vocab_parallel_opd_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, 
     every rank; the gradient goes to each rank's own shard."""
     if logits_shard.dim() != 2:
         raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
-    ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0], logprobs=check_logprobs)
+    ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0], logprobs=check_logprobs)
     if log_ratio_clip < 0:
         raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-    rule = _loss.OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+    rule = OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
                           float(temperature), float(log_ratio_clip))
     return OPDLoss(*_VocabParallelSetLoss.apply(logits_shard, rule, "vocab_parallel_opd_topk_loss", group))
 
@@ -257,7 +251,7 @@ class _VocabParallelWeightedLinearSetLoss(torch.autograd.Function):
                 loss[r0:r1], coef[r0:r1] = rule.from_logprobs(res.target_logprobs, r0, r1)
                 slp[r0:r1], lse[r0:r1] = res.target_logprobs, res.lse
                 if need_h or need_w:
-                    _loss._ops.opd_topk_loss_bwd_chunk_(z, offset, token_weights[r0:r1], res.lse, ids[r0:r1],
+                    kernels.opd_topk_loss_bwd_chunk_(z, offset, token_weights[r0:r1], res.lse, ids[r0:r1],
                                                         coef[r0:r1], rule.temperature)
                     if need_h:
                         part = (z @ weight_shard).to(_comm_device(group))
@@ -298,15 +292,15 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
     def check():
-        _check_linear(hidden, weight_shard, None)
-        _check_weighted(hidden, token_weights, max_block_elements)
+        check_linear(hidden, weight_shard, None)
+        check_weighted(hidden, token_weights, max_block_elements)
         if log_ratio_clip < 0:
             raise ValueError(f"log_ratio_clip must be >= 0 (0: off), got {log_ratio_clip}")
-        return _loss._prepare_set(_as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0],
+        return prepare_set(as_long(ids, "ids"), teacher_logprobs, valid, hidden.shape[0],
                                   logprobs=check_logprobs)
 
     ids, tq, valid = _checked_everywhere(check, what, group)
-    rule = _loss.OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
+    rule = OPDRule(ids.contiguous(), tq.to(acc).contiguous(), valid.contiguous(), weight_mode_index(weight_mode),
                           float(temperature), float(log_ratio_clip))
     return _weighted_linear(hidden, weight_shard, token_weights, rule, max_block_elements, what, OPDLoss, group)
 
@@ -332,7 +326,7 @@ def vocab_parallel_ppo_topk_loss(logits_shard: torch.Tensor, ids: torch.Tensor, 
     def check():
         if logits_shard.dim() != 2:
             raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
-        return _policy.prepare_ppo(ids, old_logprobs, advantages, valid, logits_shard.shape[0], acc, temperature,
+        return prepare_ppo(ids, old_logprobs, advantages, valid, logits_shard.shape[0], acc, temperature,
                                    clip_low, clip_high, dual_clip)
 
     rule = _checked_everywhere(check, what, group)
@@ -351,9 +345,9 @@ def vocab_parallel_ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
     def check():
-        _check_linear(hidden, weight_shard, None)
-        _check_weighted(hidden, token_weights, max_block_elements)
-        return _policy.prepare_ppo(ids, old_logprobs, advantages, valid, hidden.shape[0], acc, temperature,
+        check_linear(hidden, weight_shard, None)
+        check_weighted(hidden, token_weights, max_block_elements)
+        return prepare_ppo(ids, old_logprobs, advantages, valid, hidden.shape[0], acc, temperature,
                                    clip_low, clip_high, dual_clip)
 
     rule = _checked_everywhere(check, what, group)
@@ -397,7 +391,7 @@ def vocab_parallel_renorm_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor,
     try:
         if logits_shard.dim() != 2:
             raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
-        ids, tq, valid = _loss._prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
+        ids, tq, valid = prepare_set(ids, teacher_logprobs, valid, logits_shard.shape[0])
     except (TypeError, ValueError) as e:
         err = e
     rows, cols = (logits_shard.shape[0], logits_shard.shape[1]) if logits_shard.dim() == 2 else (-1, -1)
@@ -413,7 +407,7 @@ def vocab_parallel_renorm_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor,
     picked = logits_shard.gather(1, local.clamp(0, cols - 1))
     set_logits = _AllReduceSum.apply(torch.where(mine, picked, torch.zeros_like(picked)), group)
     acc = torch.float64 if logits_shard.dtype == torch.float64 else torch.float32
-    return _loss._ops.renorm_kl_fwd(set_logits.to(acc), tq.to(acc).contiguous(), valid.contiguous(),
+    return kernels.renorm_kl_fwd(set_logits.to(acc), tq.to(acc).contiguous(), valid.contiguous(),
                                     float(temperature))[0]
 
 
@@ -450,7 +444,7 @@ class _VocabParallelDense(torch.autograd.Function):
                                    "vocabulary: no token has probability")
         ls, lt = glob[0].contiguous(), glob[1].contiguous()
         # this shard's share of the sums under the global normalisers, summed over ranks
-        share = _dense._ops.dense_divergence_fwd(s_shard, t_shard, kind, beta, temperature, ls, lt)
+        share = kernels.dense_divergence_fwd(s_shard, t_shard, kind, beta, temperature, ls, lt)
         sums = _AllReduceSum.apply(torch.stack([share[0], share[3]]), group)
         loss, aux = sums[0].contiguous(), sums[1].contiguous()
         ctx.save_for_backward(s_shard, t_shard, ls, lt, aux)
@@ -460,7 +454,7 @@ class _VocabParallelDense(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         s_shard, t_shard, ls, lt, aux = ctx.saved_tensors
-        grad = _dense._ops.dense_divergence_bwd(grad_loss.contiguous(), s_shard, t_shard, ls, lt, aux, *ctx.args)
+        grad = kernels.dense_divergence_bwd(grad_loss.contiguous(), s_shard, t_shard, ls, lt, aux, *ctx.args)
         return grad, None, None, None, None, None
 
 
@@ -471,7 +465,7 @@ def vocab_parallel_dense_divergence(student_shard: torch.Tensor, teacher_shard: 
     [N, V_r] (the same columns of both): each rank streams its shard for its log-sum-exps, those combine into
     the global ones ([N] numbers), then each rank's share of the sums under them is summed across ranks. The
     divergence [N] is replicated on every rank; the gradient goes to each rank's student shard."""
-    return _VocabParallelDense.apply(student_shard, teacher_shard.detach(), _dense.divergence_index(divergence),
+    return _VocabParallelDense.apply(student_shard, teacher_shard.detach(), divergence_index(divergence),
                                      float(beta), float(temperature), group)
 
 
@@ -486,7 +480,7 @@ def vocab_parallel_tail_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor, t
     def check():
         if logits_shard.dim() != 2:
             raise ValueError(f"logits_shard must be [N, V_r], got {tuple(logits_shard.shape)}")
-        return _tail.prepare_tail_kl(ids, teacher_logprobs, valid, logits_shard.shape[0], acc, temperature,
+        return prepare_tail_kl(ids, teacher_logprobs, valid, logits_shard.shape[0], acc, temperature,
                                      log_ratio_clip)
 
     rule = _checked_everywhere(check, what, group)
@@ -504,9 +498,9 @@ def vocab_parallel_tail_topk_kl_linear_weighted(hidden: torch.Tensor, weight_sha
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
     def check():
-        _check_linear(hidden, weight_shard, None)
-        _check_weighted(hidden, token_weights, max_block_elements)
-        return _tail.prepare_tail_kl(ids, teacher_logprobs, valid, hidden.shape[0], acc, temperature,
+        check_linear(hidden, weight_shard, None)
+        check_weighted(hidden, token_weights, max_block_elements)
+        return prepare_tail_kl(ids, teacher_logprobs, valid, hidden.shape[0], acc, temperature,
                                      log_ratio_clip)
 
     rule = _checked_everywhere(check, what, group)

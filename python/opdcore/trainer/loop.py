@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import torch
 
 from opdcore.config import Config, several_updates, to_dict
-from opdcore.data.presets import PRESETS, prepare_preset
+from opdcore.presets import PRESETS, prepare_preset
 from opdcore.data.prompts import PromptSampler, filter_long, load_prompts, render_prompt
 from opdcore.data.reward import AnswerChecker, answers_match
 from opdcore.metrics import gap_recovery
@@ -415,7 +415,7 @@ class Trainer:
             for _ in range(cfg.train.update_epochs):
                 for gi, g in enumerate(groups):
                     part = [mbs[i] for i in g]
-                    weights = S.token_weights(part, lengths, cfg.loss.aggregation, float(sizes[2 * gi]),
+                    weights = S.token_weights(part, lengths, S.objective_spec(cfg), float(sizes[2 * gi]),
                                               float(sizes[2 * gi + 1]), dist.world())
                     if correction is not None:
                         weights = [w if w is None else w * correction[i] for w, i in zip(weights, g)]
@@ -493,9 +493,9 @@ class Trainer:
         lp = {i: ([], []) for i in range(len(rs))}
         with torch.no_grad(), self.compute():
             for mb in microbatch.build(rs, max(self.cfg.train.micro_batch_tokens, longest), self.device):
-                args = (mb.input_ids, mb.attention_mask, mb.pred_index, "score")
-                s = self.student(*args, k=0, temperature=1.0, ids=mb.targets[:, None]).target_logprobs[:, 0]
-                t = self.teacher(*args, k=0, temperature=1.0, ids=mb.targets[:, None]).target_logprobs[:, 0]
+                args = (mb.input_ids, mb.attention_mask, mb.pred_index,
+                        lambda head: head.score(0, 1.0, mb.targets[:, None]).target_logprobs[:, 0])
+                s, t = self.student(*args), self.teacher(*args)
                 for seq, a, b in zip(mb.token_seq.tolist(), s.tolist(), t.tolist()):
                     lp[seq][0].append(a)
                     lp[seq][1].append(b)
@@ -572,7 +572,7 @@ class Trainer:
         """Say once when the reward-weighted top-k loss is in the regime where it drains the student's own top-k
         (METHOD.md 2.3: lbar > 0 with a top-k mass well below 1, as on small vocabularies)."""
         lo = self.cfg.loss
-        if getattr(self, "_drift_warned", False) or S.objective(self.cfg) != "loss" or lo.topk == 0:
+        if getattr(self, "_drift_warned", False) or not S.objective_spec(self.cfg).is_surrogate or lo.topk == 0:
             return
         mass, lbar = m.get("student_topk_mass", 1.0), m.get("student_topk_lbar", 0.0)
         if mass < 0.9 and lbar > 0.05:

@@ -119,7 +119,7 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
         finite = torch.isfinite(mb.rollout_logprobs)
         diff = (mb.rollout_logprobs - sc.student_sampled_lp)[finite].abs()
         add("rollout_logprob_mismatch", diff.sum(), diff.numel())
-        add("set_size", st[2].sum(), n)
+        add("set_size", st.valid.sum(), n)
         if sc.student_ids is not None:  # the two parts of the reward-weighted top-k loss's gradient (METHOD.md 2.3)
             d, k = D.drift_gradient_norms(sc.student_logprobs, sc.teacher_on_student_lp)
             add("_drift_sq", d.sum(), n)
@@ -129,17 +129,19 @@ def step_metrics(rollouts, correct, mbs, scored, sets, upd, timer: Timer, optimi
             add("rollout_is_weight", w.sum(), w.numel())
             add("rollout_is_capped_fraction", (w >= cap).sum(), w.numel())
     names, pnames = sorted(sums), sorted(prof)
-    flat = [v for k in names for v in sums[k]] + [upd["loss"]]
+    losses = [k for k in ("loss", "pg_loss") if k in upd]  # already weighted sums over the rank's tokens
+    flat = [v for k in names for v in sums[k]] + [upd[k] for k in losses]
     flat += torch.cat([torch.cat(prof[k]) for k in pnames]).tolist() if pnames else []
     reduced = dist.all_reduce(flat)
     out = {k: float(reduced[2 * i] / reduced[2 * i + 1]) if reduced[2 * i + 1] > 0 else float("nan")
            for i, k in enumerate(names)}
-    out["loss"] = float(reduced[2 * len(names)]) / dist.world()
+    for i, k in enumerate(losses):
+        out[k] = float(reduced[2 * len(names) + i]) / dist.world()
     if "_drift_sq" in out:  # means over the same tokens: their ratio is the ratio of the sums
         out["student_topk_drift_share"] = D.drift_share(torch.tensor(out.pop("_drift_sq")),
                                                         torch.tensor(out.pop("_kl_sq")))
     profile: Dict[str, list] = {"bucket_width": bucket_width}
-    at = 2 * len(names) + 1
+    at = 2 * len(names) + len(losses)
     for k in pnames:
         ps, pc = reduced[at:at + num_buckets], reduced[at + num_buckets:at + 2 * num_buckets]
         at += 2 * num_buckets

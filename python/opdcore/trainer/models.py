@@ -3,16 +3,12 @@ parallelism (vocabulary-parallel losses on the LM head's shards)."""
 from __future__ import annotations
 
 import contextlib
-from typing import Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 
-import opdcore
-from opdcore import parallel as P
-from opdcore.metrics import ppo_clip_counts
-from opdcore.ops import (dense_divergence_linear_weighted, opd_topk_loss_linear_weighted, ppo_topk_loss,
-                         ppo_topk_loss_linear_weighted, renorm_topk_kl_linear, tail_topk_kl_linear_weighted)
+from opdcore.objectives import FusedHead, LMHead, LogitsHead, ShardHead
 from opdcore.parallel.tensor_parallel import local_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,15 +57,15 @@ def _fused_head_supported(model) -> bool:
 
 
 class OPDModel(nn.Module):
-    """A causal LM whose forward returns per-response-token results computed from its hidden states:
-    mode "score" the top-k / log-prob extraction, mode "loss" / "renorm_kl" / "tail_kl" / "dense" the loss
-    summed with token_weights (mode "loss" given ppo terms: the PPO surrogate's, with its clip counts), mode
-    "head" what the dense divergences need of the teacher: (hidden [R, H], LM head [V, H]) with the fused head,
-    else ([R, V] logits, None).
+    """A causal LM whose forward ends in a caller's function of its LM head on the response tokens:
+    forward(input_ids, attention_mask, pred_index, use) returns use(head), head an opdcore.objectives.LMHead over
+    the hidden states at pred_index (flat [B*T] positions whose hidden state predicts a response token): FusedHead
+    (hidden states + LM head, never [tokens, vocab] logits), LogitsHead (models that post-process their logits,
+    or fused=False) or ShardHead (tensor parallelism: this rank's vocabulary shard). forward(..., generate=kwargs)
+    runs transformers' generate instead.
 
     Everything that touches the LM head happens inside forward(), so with FSDP2 the root unit's parameters
-    (embeddings, final norm, LM head) are gathered for exactly that call. `pred_index` holds flat [B*T]
-    positions whose hidden state predicts a response token (the position before it).
+    (embeddings, final norm, LM head) are gathered for exactly that call.
     """
 
     def __init__(self, hf_model: nn.Module, vocab: int, fused: bool = True, tp_group=None):
@@ -88,187 +84,47 @@ class OPDModel(nn.Module):
             h = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return h.reshape(-1, h.shape[-1])[pred_index]
 
-    def forward(self, input_ids, attention_mask, pred_index, mode: str, **kw):
-        if mode == "generate":  # transformers generate inside the root forward (see GenerateThroughRoot)
-            if kw.pop("gather_once", False) and _is_fsdp(self):
-                with _gathered(self):
-                    return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-            if self.tp_group is None:
-                return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-            # the column-parallel head returns this rank's vocabulary shard; decoding needs every token's logit
-            hook = self.hf.get_output_embeddings().register_forward_hook(_gather_vocab_shards)
-            try:
-                return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
-            finally:
-                hook.remove()
+    def forward(self, input_ids, attention_mask, pred_index=None, use: Optional[Callable[[LMHead], Any]] = None,
+                generate: Optional[dict] = None):
+        if generate is not None:  # transformers generate inside the root forward (see GenerateThroughRoot)
+            return self._generate(input_ids, attention_mask, **generate)
         if self.tp_group is not None:
-            return self._forward_tp(self._hidden(input_ids, attention_mask, pred_index), mode, **kw)
+            return use(self._shard_head(self._hidden(input_ids, attention_mask, pred_index)))
         if not self.fused:
             with _eval_mode_without_grad(self.hf):
                 logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
-            logits = logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]
-            return self._from_logits(logits, mode, **kw)
+            return use(LogitsHead(logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]))
         h = self._hidden(input_ids, attention_mask, pred_index)
         w = self.hf.get_output_embeddings().weight
         w = w if w.shape[0] == self.vocab else w[:self.vocab]  # a slice's backward allocates a [V, H] zeros
+        keeps = not _is_fsdp(self)  # FSDP frees the gathered LM head when forward returns
         device = h.device.type
         if torch.is_autocast_enabled(device):  # the LM head in the autocast dtype, through opdcore's kernels as is
             dtype = torch.get_autocast_dtype(device)
             with torch.autocast(device, enabled=False):
-                return self._fused(h.to(dtype), w.to(dtype), mode, **kw)
-        return self._fused(h, w, mode, **kw)
+                return use(FusedHead(h.to(dtype), w.to(dtype), weight_outlives_call=keeps))
+        return use(FusedHead(h, w, weight_outlives_call=keeps))
 
-    def _fused(self, h, w, mode, **kw):
-        if mode == "head":
-            # FSDP frees the gathered LM head when forward returns: a sharded model hands over its logits instead
-            return (h @ w.T, None) if _is_fsdp(self) else (h, w)
-        if mode == "dense" and kw["teacher_head"][1] is None:  # the teacher gave logits: form the student's too
-            return self._from_logits(h @ w.T, mode, **kw)
-        if mode == "score":
-            return opdcore.linear_topk(h, w, kw["k"], temperature=kw["temperature"], ids=kw["ids"])
-        head = SetLossHead(hidden=h, weight=w)
-        if mode == "loss":  # the gradient is formed in the forward: three head matmuls instead of four
-            return _reward_losses(head, kw)
-        if mode == "renorm_kl":
-            loss = (renorm_topk_kl_linear(h, w, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                          temperature=kw["temperature"]) * kw["token_weights"]).sum()
-        elif mode == "tail_kl":  # needs the full normaliser: row blocks, gradient formed in the forward
-            loss = tail_topk_kl_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"], kw["token_weights"],
-                                                kw["valid"], temperature=kw["temperature"])[0]
-        elif mode == "dense":  # one [rows, V] block of each model's logits at a time, gradient in the forward
-            t_h, t_w = (x.to(h.dtype) for x in kw["teacher_head"])  # model.teacher_dtype may differ
-            loss = dense_divergence_linear_weighted(h, w, t_h, t_w, kw["token_weights"], kw["divergence"],
-                                                    beta=kw["beta"], temperature=kw["temperature"],
-                                                    teacher_logit_scale=kw["teacher_scale"])[0]
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        return loss + _outcome_loss(head, kw)
+    def _generate(self, input_ids, attention_mask, gather_once: bool = False, **kw):
+        if gather_once and _is_fsdp(self):
+            with _gathered(self):
+                return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        if self.tp_group is None:
+            return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        # the column-parallel head returns this rank's vocabulary shard; decoding needs every token's logit
+        hook = self.hf.get_output_embeddings().register_forward_hook(_gather_vocab_shards)
+        try:
+            return self.hf.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        finally:
+            hook.remove()
 
-    def _forward_tp(self, h, mode, **kw):
-        """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard. Extraction and the top-k loss
-        stream the shard from hidden states; renorm_kl and the dense divergences take the shard's logits
-        [R, V/tp] (the column-parallel head all-reduces the hidden states' gradient across the group); the
-        vocabulary-parallel ops combine the shards."""
-        head, g = self.hf.get_output_embeddings(), self.tp_group
+    def _shard_head(self, h) -> ShardHead:
+        """Tensor-parallel: this rank holds the LM head rows of one vocabulary shard."""
+        head = self.hf.get_output_embeddings()
         _, cols = local_vocab(head.weight, self.vocab)
         w = head.weight.to_local()
         w = w if cols == w.shape[0] else w[:cols]  # a slice's backward would allocate a second weight gradient
-        if mode == "score":
-            with torch.no_grad():
-                return P.vocab_parallel_linear_topk(h, w, kw["k"], ids=kw["ids"], temperature=kw["temperature"],
-                                                    group=g)
-        if mode == "loss":  # fused with the head shard: gradients formed in the forward, d hidden summed inside
-            return _reward_losses(SetLossHead(hidden=h, weight=w, group=g), kw)
-        if mode == "tail_kl":
-            loss = P.vocab_parallel_tail_topk_kl_linear_weighted(h, w, kw["ids"], kw["teacher_logprobs"],
-                                                                 kw["token_weights"], kw["valid"],
-                                                                 temperature=kw["temperature"], group=g)[0]
-            return loss + _outcome_loss(SetLossHead(hidden=h, weight=w, group=g), kw)
-        logits = head(h)[:, :cols]
-        if mode == "head":
-            return logits, None
-        if mode == "renorm_kl":
-            per_token = P.vocab_parallel_renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                                        temperature=kw["temperature"], group=g)
-        elif mode == "dense":
-            t_logits = kw["teacher_head"][0] * kw["teacher_scale"]
-            if t_logits.shape != logits.shape:
-                raise ValueError(f"loss.dense with tensor parallelism needs student and teacher LM heads of the "
-                                 f"same size (the same vocabulary shards): shard {tuple(logits.shape)} vs "
-                                 f"{tuple(t_logits.shape)}")
-            per_token = P.vocab_parallel_dense_divergence(logits, t_logits.to(logits.dtype), kw["divergence"],
-                                                          beta=kw["beta"], temperature=kw["temperature"], group=g)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        return (per_token * kw["token_weights"]).sum() + _outcome_loss(SetLossHead(logits=logits, group=g), kw)
-
-    def _from_logits(self, logits, mode, **kw):
-        if mode == "head":
-            return logits, None
-        if mode == "score":
-            with torch.no_grad():
-                top = opdcore.topk_logprobs(logits, max(kw["k"], 1), kw["temperature"])
-                tgt, _ = opdcore.logprobs_at(logits, kw["ids"], kw["temperature"])
-            k = kw["k"]
-            return opdcore.ops.StreamResult(top.ids[:, :k], top.logprobs[:, :k], top.lse, top.entropy, tgt)
-        head = SetLossHead(logits=logits)
-        if mode == "loss":
-            return _reward_losses(head, kw)
-        if mode == "renorm_kl":
-            per_token = opdcore.renorm_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                               temperature=kw["temperature"])
-        elif mode == "tail_kl":
-            per_token = opdcore.tail_topk_kl(logits, kw["ids"], kw["teacher_logprobs"], kw["valid"],
-                                             temperature=kw["temperature"]).loss
-        elif mode == "dense":
-            t_x, t_w = kw["teacher_head"]
-            t_logits = (t_x if t_w is None else t_x @ t_w.T) * kw["teacher_scale"]
-            per_token = opdcore.dense_divergence(logits, t_logits.to(logits.dtype), kw["divergence"],
-                                                 beta=kw["beta"], temperature=kw["temperature"])
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-        return (per_token * kw["token_weights"]).sum() + _outcome_loss(head, kw)
-
-
-class SetLossHead:
-    """Where a reward-weighted set loss reads the student's logits: hidden states and an LM head (row blocks,
-    gradients formed in the forward, never [R, V]) or logits; on one device, or this rank's vocabulary shard of
-    them (group set). weighted() is the token-weighted sum of the OPD loss or, given ppo = (old log-probs,
-    advantages, PPOClip), of the PPO surrogate, and the kernel's per-token result."""
-
-    def __init__(self, hidden=None, weight=None, logits=None, group=None):
-        self.hidden, self.weight, self.logits, self.group = hidden, weight, logits, group
-
-    def weighted(self, ids, token_weights, valid=None, *, temperature, teacher_logprobs=None, weight_mode="none",
-                 log_ratio_clip=0.0, ppo=None, check_logprobs=True):
-        tp = {} if self.group is None else {"group": self.group}
-        if ppo is not None:
-            old, adv, clip = ppo
-            args = (ids, old, adv)
-            opts = dict(temperature=temperature, clip_low=clip.low, clip_high=clip.high, dual_clip=clip.dual, **tp)
-            fused, plain = ((P.vocab_parallel_ppo_topk_loss_linear_weighted, P.vocab_parallel_ppo_topk_loss) if tp
-                            else (ppo_topk_loss_linear_weighted, ppo_topk_loss))
-        else:
-            args = (ids, teacher_logprobs)
-            opts = dict(weight_mode=weight_mode, temperature=temperature, log_ratio_clip=log_ratio_clip,
-                        check_logprobs=check_logprobs, **tp)
-            fused, plain = ((P.vocab_parallel_opd_topk_loss_linear_weighted, P.vocab_parallel_opd_topk_loss) if tp
-                            else (opd_topk_loss_linear_weighted, opdcore.opd_topk_loss))
-        if self.logits is None:
-            return fused(self.hidden, self.weight, *args, token_weights, valid, **opts)
-        out = plain(self.logits, *args, valid, **opts)
-        return (out.loss * token_weights).sum(), out
-
-
-def _reward_losses(head: SetLossHead, kw):
-    """mode "loss": the reward-weighted set loss plus the outcome term; with kw["ppo"] (several updates per
-    batch) both as PPO surrogates, returned with the main loss's clip counts (opdcore.metrics)."""
-    ppo = kw.get("ppo")
-    total, out = head.weighted(kw["ids"], kw["token_weights"], kw["valid"], temperature=kw["temperature"],
-                               teacher_logprobs=kw["teacher_logprobs"], weight_mode=kw["weight_mode"],
-                               log_ratio_clip=kw["log_ratio_clip"],
-                               ppo=None if ppo is None else (ppo.old_logprobs, ppo.advantages, ppo.clip))
-    total = total + _outcome_loss(head, kw)
-    if ppo is None:
-        return total
-    return total, ppo_clip_counts(out.student_logprobs, ppo.old_logprobs, ppo.advantages, out.coefficients,
-                                  kw["valid"])
-
-
-def _outcome_loss(head: SetLossHead, kw):
-    """The hybrid outcome term (METHOD.md 2.6), -A log p(y_t) weighted by loss.outcome_weight, through the set-loss
-    kernels: with one update per batch as the OPD loss with q := p_rollout * e^A and weight 1 (its reward
-    -(log p - log q) is A while p is the rollout-time p); with several, as a PPO surrogate on the sampled token."""
-    if kw.get("outcome") is None:
-        return 0.0
-    sampled, lp_rollout, adv = kw["outcome"]
-    ppo = kw.get("ppo")
-    weights = kw["token_weights"] * kw["outcome_weight"]
-    if ppo is not None:
-        return head.weighted(sampled, weights, temperature=kw["temperature"],
-                             ppo=(lp_rollout[:, None], adv[:, None], ppo.clip))[0]
-    return head.weighted(sampled, weights, temperature=kw["temperature"],
-                         teacher_logprobs=(lp_rollout + adv)[:, None], check_logprobs=False)[0]
+        return ShardHead(h, w, self.tp_group, lambda: head(h)[:, :cols])
 
 
 def _gather_vocab_shards(head, _inputs, logits_shard):
@@ -313,7 +169,7 @@ def _gathered(model: nn.Module):
 
 
 class GenerateThroughRoot:
-    """The model interface HFEngine uses, generating through OPDModel.forward(mode="generate"): a sharded model
+    """The model interface HFEngine uses, generating through OPDModel.forward(generate=...): a sharded model
     (FSDP2 unit per layer plus the OPDModel root holding embeddings, final norm and LM head) must be entered
     through the root's forward, which gathers the root's parameters and sets up the layers' hooks. gather_once:
     an FSDP model keeps its parameters gathered through all decoding steps of a call (see _gathered)."""
@@ -345,7 +201,7 @@ class GenerateThroughRoot:
         return self.model.hf.generation_config
 
     def generate(self, input_ids, attention_mask, **kw):
-        return self.model(input_ids, attention_mask, None, "generate", gather_once=self.gather_once, **kw)
+        return self.model(input_ids, attention_mask, generate=dict(kw, gather_once=self.gather_once))
 
 
 def decoder_layers(hf_model: nn.Module):

@@ -1,6 +1,7 @@
 """One OPD step after the rollouts: score (student, then teacher), build token sets, update the student."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -9,9 +10,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from opdcore.config import Config
-from opdcore.losses import default_weight_mode
-from opdcore.ops import build_token_set, canonical_strategy, opd_rewards
+from opdcore import objectives as O
+from opdcore.config import Config, several_updates
+from opdcore.objectives import ObjectiveSpec
+from opdcore.ops import TokenSet
 from opdcore.ops.policy import PPOClip
 from opdcore.parallel.tensor_parallel import clip_grad_norm
 from opdcore.trainer.microbatch import MicroBatch
@@ -39,14 +41,35 @@ class Scored:
     teacher_sampled_lp: torch.Tensor  # log q(y_t)
 
 
+def objective_spec(cfg: Config) -> ObjectiveSpec:
+    """The trainer config's loss as an ObjectiveSpec (the PPO clip only when a batch gets several updates)."""
+    lo = cfg.loss
+    loss = "dense" if lo.dense != "none" else "renorm_kl" if lo.renorm_kl else "tail_kl" if lo.tail_kl \
+        else "reward_weighted"
+    return ObjectiveSpec(
+        loss=loss, topk=lo.topk, strategy=lo.strategy, weight_mode=lo.weight_mode, log_ratio_clip=lo.log_ratio_clip,
+        divergence=lo.dense if lo.dense != "none" else "reverse_kl", beta=lo.dense_beta,
+        temperature=cfg.rollout.temperature, teacher_temperature=lo.teacher_temperature,
+        ppo=ppo_clip(cfg) if several_updates(cfg) else None, outcome_weight=lo.outcome_weight,
+        aggregation=lo.aggregation, norm_length=lo.aggregation_norm or cfg.rollout.max_new_tokens)
+
+
+def ppo_clip(cfg: Config) -> PPOClip:
+    lo = cfg.loss
+    return PPOClip(lo.ppo_clip, lo.ppo_clip if lo.ppo_clip_high is None else lo.ppo_clip_high, lo.ppo_dual_clip)
+
+
+def _run(model, mb: MicroBatch, use):
+    """model's forward on the micro-batch's response positions, ending in use(LMHead)."""
+    return model(mb.input_ids, mb.attention_mask, mb.pred_index, use)
+
+
 @torch.no_grad()
 def score(student, teacher, mb: MicroBatch, cfg: Config) -> Scored:
     k = cfg.loss.topk
-    s = student(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=k,
-                temperature=cfg.rollout.temperature, ids=mb.targets[:, None])
+    s = _run(student, mb, lambda head: head.score(k, cfg.rollout.temperature, mb.targets[:, None]))
     t_ids = mb.targets[:, None] if k == 0 else torch.cat([s.ids, mb.targets[:, None]], dim=1)
-    t = teacher(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=k,
-                temperature=cfg.loss.teacher_temperature, ids=t_ids)
+    t = _run(teacher, mb, lambda head: head.score(k, cfg.loss.teacher_temperature, t_ids))
     return Scored(
         student_ids=s.ids if k else None, student_logprobs=s.logprobs if k else None,
         student_entropy=s.entropy, student_sampled_lp=s.target_logprobs[:, 0],
@@ -55,56 +78,28 @@ def score(student, teacher, mb: MicroBatch, cfg: Config) -> Scored:
         teacher_entropy=t.entropy, teacher_sampled_lp=t.target_logprobs[:, -1])
 
 
-def token_set(sc: Scored, mb: MicroBatch, cfg: Config):
-    """(ids, teacher log-probs, valid, weight mode) of the tokens that carry a reward at each position."""
-    if cfg.loss.topk == 0:  # sampled-token OPD: the sampled token alone, weight 1
-        ids = mb.targets[:, None]
-        return ids, sc.teacher_sampled_lp[:, None], torch.ones_like(ids, dtype=torch.bool), "none"
-    ts = build_token_set(sc.student_ids, sc.teacher_ids, cfg.loss.strategy, sc.teacher_on_student_lp,
-                         sc.teacher_topk_lp)
-    mode = default_weight_mode(cfg.loss.strategy) if cfg.loss.weight_mode == "auto" else cfg.loss.weight_mode
-    return ts.ids, ts.teacher_logprobs, ts.valid, mode
-
-
-@dataclass
-class PolicyTerms:
-    """What the PPO surrogate needs of a micro-batch with several updates per batch (METHOD.md 2.3), fixed when
-    the rollouts are scored: the student's log-probs on the token set then and the advantages (the OPD rewards
-    of that student). The outcome term needs only the clip (its old log-prob is the scored sampled token's)."""
-    clip: PPOClip
-    old_logprobs: Optional[torch.Tensor] = None  # [R, K]
-    advantages: Optional[torch.Tensor] = None  # [R, K]
-
-
-def objective(cfg: Config) -> str:
-    """The student forward's loss mode: "dense", "renorm_kl", "tail_kl" (true divergences, minimised as they are)
-    or "loss" (the reward-weighted OPD loss, a PPO surrogate with several updates per batch)."""
-    lo = cfg.loss
-    return "dense" if lo.dense != "none" else "renorm_kl" if lo.renorm_kl else "tail_kl" if lo.tail_kl else "loss"
-
-
-def ppo_clip(cfg: Config) -> PPOClip:
-    lo = cfg.loss.ppo_clip
-    return PPOClip(lo, lo if cfg.loss.ppo_clip_high is None else cfg.loss.ppo_clip_high, cfg.loss.ppo_dual_clip)
+def token_set(sc: Scored, mb: MicroBatch, cfg: Config) -> TokenSet:
+    """The tokens that carry a reward at each position, with the teacher's log-probs on them."""
+    return O.token_set(objective_spec(cfg), mb.targets, sc.teacher_sampled_lp, sc.student_ids, sc.teacher_ids,
+                       sc.teacher_on_student_lp, sc.teacher_topk_lp)
 
 
 @torch.no_grad()
-def policy_terms(student, mb: MicroBatch, sc: Scored, token_set, cfg: Config) -> PolicyTerms:
-    """The micro-batch's PolicyTerms. The student's log-probs on its own top-k (or the sampled token) come from
-    the scoring pass; sets with teacher ids (teacher, union, symmetric_difference) take one more student pass."""
-    clip = ppo_clip(cfg)
-    if objective(cfg) != "loss":  # true divergences: no surrogate, no ratio
-        return PolicyTerms(clip)
-    ids, tq, valid, mode = token_set
-    if cfg.loss.topk == 0:
+def policy_terms(student, mb: MicroBatch, sc: Scored, ts: TokenSet, cfg: Config):
+    """Several updates per batch: (the rollout-time student's log-probs on the set, the advantages = its OPD
+    rewards), fixed when the rollouts are scored. Its log-probs on its own top-k (or the sampled token) come from
+    the scoring pass; sets with teacher ids (teacher, union, symmetric_difference) take one more student pass.
+    None for the true divergences (no surrogate, no ratio)."""
+    spec = objective_spec(cfg)
+    if not spec.is_surrogate:
+        return None
+    if spec.topk == 0:
         old = sc.student_sampled_lp[:, None]
-    elif canonical_strategy(cfg.loss.strategy) in ("student", "intersection"):  # the set's ids are S_t
+    elif O.set_is_scored_student_topk(spec):
         old = sc.student_logprobs
     else:
-        old = student(mb.input_ids, mb.attention_mask, mb.pred_index, "score", k=0,
-                      temperature=cfg.rollout.temperature, ids=ids).target_logprobs
-    adv = opd_rewards(old, tq, valid, weight_mode=mode, log_ratio_clip=cfg.loss.log_ratio_clip)[0]
-    return PolicyTerms(clip, old, adv)
+        old = _run(student, mb, lambda head: head.score(0, cfg.rollout.temperature, ts.ids)).target_logprobs
+    return old, O.advantages(spec, old, ts)
 
 
 def rollout_correction(mb: MicroBatch, sc: Scored, cap: float) -> torch.Tensor:
@@ -121,9 +116,9 @@ def mini_batch_groups(count: int, mini_batches: int) -> List[List[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(mini_batches)]
 
 
-def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], aggregation: str,
+def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], spec: ObjectiveSpec,
                   global_tokens: float, global_seqs: float, world: int) -> List[Optional[torch.Tensor]]:
-    """Per-token weights that turn the sum of per-token losses into the configured mean over all ranks.
+    """Per-token weights that turn the sum of per-token losses into the configured aggregation over all ranks.
 
     FSDP averages gradients over ranks, so each rank's weights are scaled by the world size.
     """
@@ -132,11 +127,8 @@ def token_weights(mbs: List[Optional[MicroBatch]], lengths: Dict[int, int], aggr
         if mb is None:
             out.append(None)
             continue
-        if aggregation == "token-mean":
-            w = torch.full((mb.num_tokens,), world / global_tokens)
-        else:
-            per_seq = torch.tensor([lengths[int(i)] for i in mb.token_seq.tolist()], dtype=torch.float32)
-            w = world / global_seqs / (per_seq if aggregation == "seq-mean-token-mean" else torch.ones_like(per_seq))
+        seq_len = torch.tensor([lengths[int(i)] for i in mb.token_seq.tolist()], dtype=torch.float32)
+        w = O.aggregation_weights(seq_len, spec.aggregation, global_tokens, global_seqs, spec.norm_length) * world
         out.append(w.to(mb.targets.device))
     return out
 
@@ -163,43 +155,36 @@ def outcome_terms(mbs: List[Optional[MicroBatch]], scored, advantages: Optional[
             for mb, sc in zip(mbs, scored)]
 
 
-def _dense_terms(teacher, mb: MicroBatch, cfg: Config) -> dict:
-    """What the student's "dense" loss needs of the teacher: its hidden states and LM head (or its logits), and
-    the factor that makes softmax(teacher logits * factor / rollout temperature) its distribution at
-    loss.teacher_temperature (the dense divergences take one temperature for both sides)."""
-    with torch.no_grad():
-        head = teacher(mb.input_ids, mb.attention_mask, mb.pred_index, "head")
-    return dict(teacher_head=head, teacher_scale=cfg.rollout.temperature / cfg.loss.teacher_temperature,
-                divergence=cfg.loss.dense, beta=cfg.loss.dense_beta)
-
-
-def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, cfg: Config, params, outcome=None,
-           teacher=None, policy=None) -> Dict[str, float]:
+def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets: List[TokenSet], weights, cfg: Config,
+           params, outcome=None, teacher=None, policy=None) -> Dict[str, float]:
     """One optimizer step: gradient accumulation over the micro-batches, grad clip, and the step (skipped when the
-    gradient norm is not finite). With loss.dense the teacher runs again per micro-batch (its hidden states
+    gradient norm is not finite). A dense divergence runs the teacher again per micro-batch (its hidden states
     are never stored for the whole batch); with `policy` (several updates per batch) the reward-weighted
     losses are PPO surrogates and the clip counts come back too."""
+    spec = dataclasses.replace(objective_spec(cfg), ppo=ppo_clip(cfg) if policy else None)
+    objective = O.make_objective(spec)
     optimizer.zero_grad(set_to_none=True)
-    total, clip_counts = 0.0, None
+    total, pg_loss, clip_counts = 0.0, 0.0, None
     real = [i for i, mb in enumerate(mbs) if mb is not None]
     for i, mb in enumerate(mbs):
         # a rank with too few rollouts replays its first micro-batch at weight 0: FSDP forwards are collectives
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
-        mb, (ids, tq, valid, mode), w = mbs[j], sets[j], weights[j]
-        mode_name = objective(cfg)
+        mb, ts = mbs[j], sets[j]
         with autocast(cfg, mb.input_ids.device, cache=False):  # the forward only: backward and step outside
-            dense = _dense_terms(teacher, mb, cfg) if mode_name == "dense" else {}
-            loss = student(mb.input_ids, mb.attention_mask, mb.pred_index, mode_name, ids=ids,
-                           teacher_logprobs=tq, valid=valid, weight_mode=mode, temperature=cfg.rollout.temperature,
-                           log_ratio_clip=cfg.loss.log_ratio_clip, token_weights=w * scale,
-                           outcome=outcome[j] if outcome else None, outcome_weight=cfg.loss.outcome_weight,
-                           ppo=policy[j] if policy else None, **dense)
-        if isinstance(loss, tuple):  # the PPO surrogate: (loss, clip counts)
-            loss, counts = loss
-            if scale:
-                clip_counts = counts if clip_counts is None else _add_counts(clip_counts, counts)
-        loss.backward()
-        total += float(loss.detach())
+            t_head = None
+            if spec.loss == "dense":
+                with torch.no_grad():
+                    t_head = _run(teacher, mb, lambda head: head.as_teacher())
+            terms = O.Terms(ts.ids, ts.teacher_logprobs, ts.valid, weights[j] * scale,
+                            ppo=policy[j] if policy else None, outcome=outcome[j] if outcome else None,
+                            teacher=t_head)
+            out = _run(student, mb, lambda head: objective(head, terms))
+        if scale and out.clip_counts is not None:
+            clip_counts = out.clip_counts if clip_counts is None else _add_counts(clip_counts, out.clip_counts)
+        if out.pg_loss is not None:
+            pg_loss += float(out.pg_loss)
+        out.loss.backward()
+        total += float(out.loss.detach())
     grad_norm = clip_grad_norm(params, cfg.optim.grad_clip)  # FSDP2 / tensor-parallel DTensor gradients too
     skipped = not math.isfinite(grad_norm)
     if skipped:
@@ -209,6 +194,8 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets, weights, c
         optimizer.step()
     torch.clear_autocast_cache()  # the weights changed in place: an enclosing autocast block's copies are stale
     out = {"loss": total, "grad_norm": grad_norm, "step_skipped": float(skipped)}
+    if spec.is_surrogate:
+        out["pg_loss"] = pg_loss
     if clip_counts is not None:
         out["clip_counts"] = clip_counts
     return out
@@ -224,9 +211,8 @@ def merge_updates(updates: List[Dict]) -> Dict:
     counted, the clip counts merged."""
     if len(updates) == 1:
         return updates[0]
-    out = {"loss": sum(u["loss"] for u in updates) / len(updates),
-           "grad_norm": sum(u["grad_norm"] for u in updates) / len(updates),
-           "step_skipped": sum(u["step_skipped"] for u in updates), "optimizer_steps": float(len(updates))}
+    out = {k: sum(u[k] for u in updates) / len(updates) for k in ("loss", "grad_norm", "pg_loss") if k in updates[0]}
+    out.update(step_skipped=sum(u["step_skipped"] for u in updates), optimizer_steps=float(len(updates)))
     counts = [u["clip_counts"] for u in updates if "clip_counts" in u]
     if counts:
         out["clip_counts"] = functools.reduce(_add_counts, counts)

@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
-from opdcore.data.default_setup import DefaultSetup
+from opdcore.presets.default_setup import DefaultSetup, prepare_default_setup
+
+__all__ = ["PRESETS", "DefaultSetup", "prepare_default_setup", "prepare_preset"]
 
 PRESETS = ("synthetic", "smollm2")
 
@@ -17,14 +19,14 @@ def prepare_preset(name: str, cache_dir, isolate: bool = False, **kwargs) -> Def
     (in the trainer's own process glibc kept it: 6.2 GB resident at model loading after a smollm2 build, 1.3 GB
     from the cache)."""
     if name == "synthetic":
-        from opdcore.data.default_setup import prepare_default_setup as prepare
+        from opdcore.presets.default_setup import prepare_default_setup as prepare
     elif name == "smollm2":
-        from opdcore.data.smollm2_setup import prepare_smollm2_setup as prepare
+        from opdcore.presets.smollm2_setup import prepare_smollm2_setup as prepare
     else:
         raise ValueError(f"unknown preset {name!r}; presets are {', '.join(PRESETS)}")
     if not isolate:
         return prepare(cache_dir, **kwargs)
-    from opdcore.data.default_setup import NotCached
+    from opdcore.presets.default_setup import NotCached
 
     try:
         return prepare(cache_dir, build=False, **kwargs)

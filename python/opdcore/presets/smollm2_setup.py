@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from opdcore.data.default_setup import DefaultSetup, _write_jsonl, cached_setup
+from opdcore.presets.default_setup import DefaultSetup, _write_jsonl, cached_setup
 from opdcore.data.reward import AnswerChecker
 from opdcore.data.word_problems import make_word_problems
 
