@@ -63,6 +63,8 @@ def advantages(spec: ObjectiveSpec, old_logprobs: torch.Tensor, ts: TokenSet) ->
 
 
 class Objective:
+    needs_teacher_head = False  # Terms.teacher must hold the teacher's head (LMHead.as_teacher())
+
     def __init__(self, spec: ObjectiveSpec):
         self.spec = spec
 
@@ -125,6 +127,8 @@ class TailKL(Objective):
 
 
 class Dense(Objective):
+    needs_teacher_head = True
+
     def main(self, head, t):
         if t.teacher is None:
             raise ValueError("a dense divergence needs terms.teacher (the teacher's LMHead.as_teacher())")

@@ -172,7 +172,7 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets: List[Token
         mb, ts = mbs[j], sets[j]
         with autocast(cfg, mb.input_ids.device, cache=False):  # the forward only: backward and step outside
             t_head = None
-            if spec.loss == "dense":
+            if objective.needs_teacher_head:
                 with torch.no_grad():
                     t_head = _run(teacher, mb, lambda head: head.as_teacher())
             terms = O.Terms(ts.ids, ts.teacher_logprobs, ts.valid, weights[j] * scale,
