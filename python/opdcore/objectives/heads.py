@@ -115,6 +115,20 @@ class FusedHead(LMHead):
     def score(self, k, temperature, ids):
         return opdcore.linear_topk(self.hidden, self.weight, k, temperature=temperature, ids=ids)
 
+    @torch.no_grad()
+    def logprobs_at(self, ids: torch.Tensor, temperature: float, lse: torch.Tensor, rows: int = 1024):
+        """log p at ids [R, m], given each row's log-sum-exp at this temperature (score's lse): m dot products per
+        row, the head rows gathered a row block at a time. The logits are formed in the head's dtype as score forms
+        them (bfloat16 logits round to 1/128 of their size), so they agree with lse; the log-probs come out in
+        lse's dtype, at most 0."""
+        out = torch.empty(ids.shape, dtype=lse.dtype, device=lse.device)
+        for r0 in range(0, ids.shape[0], rows):
+            r1 = min(ids.shape[0], r0 + rows)
+            w = self.weight.index_select(0, ids[r0:r1].reshape(-1)).view(r1 - r0, ids.shape[1], -1)
+            z = torch.bmm(w, self.hidden[r0:r1].unsqueeze(2)).squeeze(2).to(lse.dtype)
+            out[r0:r1] = z / temperature - lse[r0:r1, None]
+        return out.clamp_(max=0.0)
+
     def set_loss(self, ids, teacher_logprobs, token_weights, valid=None, *, temperature, weight_mode="none",
                  log_ratio_clip=0.0, check_logprobs=True):
         return ops.opd_topk_loss_linear_weighted(self.hidden, self.weight, ids, teacher_logprobs, token_weights,

@@ -369,15 +369,23 @@ class Trainer:
         r = self.cfg.rollout
         return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
 
+    def score_in_update(self) -> bool:
+        """train.score_in_update where it applies (see the config): one process, one update per batch, no
+        rollout correction (its weights need the student's scores before the update), a fused teacher head."""
+        cfg = self.cfg
+        return (cfg.train.score_in_update and dist.world() == 1 and not several_updates(cfg)
+                and cfg.loss.rollout_is_cap == 0 and self.teacher.fused)
+
     def compute(self):
         """The autocast context of the no-grad model computations: rollouts, scoring, evaluation, the probe
         (the update's forward has its own, S.update)."""
         return S.autocast(self.cfg, self.device)
 
-    def sample_and_score(self, idx, timer: M.Timer):
+    def sample_and_score(self, idx, timer: M.Timer, in_update: bool = False):
         """Rollouts of the training prompts `idx`, graded and scored by both models, with the token sets of
         loss.strategy: (rollouts, correct, extracted answers, micro-batches, scored, sets). What a step does
-        before its update; `opdcore diagnose` stops here."""
+        before its update; `opdcore diagnose` stops here. in_update: only the teacher scores here, the update
+        scores the student and forms the sets (S.score_teacher; sets all None until then)."""
         cfg = self.cfg
         with timer("rollout"), self.compute():  # tensor-parallel peers train on the same rollouts: their first
             rollouts = self.engine.generate([self.train_ids[i] for i in idx], self.sampling()) \
@@ -387,13 +395,17 @@ class Trainer:
         with timer("score"), self.compute():
             mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
                                    min_count=cfg.train.mini_batches)
+            if in_update:
+                scored = [S.score_teacher(self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
+                return rollouts, correct, preds, mbs, scored, [None] * len(mbs)
             scored = [S.score(self.student, self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
             sets = [S.token_set(sc, mb, cfg) if mb is not None else None for sc, mb in zip(scored, mbs)]
         return rollouts, correct, preds, mbs, scored, sets
 
     def train_step(self) -> Dict[str, float]:
         cfg, timer = self.cfg, M.Timer()
-        rollouts, correct, preds, mbs, scored, sets = self.sample_and_score(next(self.sampler), timer)
+        in_update = self.score_in_update()
+        rollouts, correct, preds, mbs, scored, sets = self.sample_and_score(next(self.sampler), timer, in_update)
         several = several_updates(cfg)
         with timer("score"), self.compute():
             # several updates per batch: PPO surrogates against the student that scored the rollouts
@@ -407,7 +419,7 @@ class Trainer:
         advantages = None
         if cfg.loss.outcome_weight > 0:  # hybrid: + w * GRPO-normalised verifiable reward (METHOD.md 2.6)
             advantages = S.grpo_advantages([r.prompt_index for r in rollouts], correct)
-        outcome = S.outcome_terms(mbs, scored, advantages)
+        outcome = None if in_update else S.outcome_terms(mbs, scored, advantages)
         correction = [S.rollout_correction(mb, sc, cfg.loss.rollout_is_cap) if mb is not None else None
                       for mb, sc in zip(mbs, scored)] if cfg.loss.rollout_is_cap else None
         with timer("update"):
@@ -419,9 +431,15 @@ class Trainer:
                                               float(sizes[2 * gi + 1]), dist.world())
                     if correction is not None:
                         weights = [w if w is None else w * correction[i] for w, i in zip(weights, g)]
-                    updates.append(S.update(self.student, self.optimizer, part, [sets[i] for i in g], weights, cfg,
-                                            self.params, [outcome[i] for i in g], teacher=self.teacher,
-                                            policy=[policy[i] for i in g] if several else None))
+                    part_sets = [sets[i] for i in g]  # scoring in the update fills these in
+                    updates.append(S.update(self.student, self.optimizer, part, part_sets, weights, cfg,
+                                            self.params, None if in_update else [outcome[i] for i in g],
+                                            teacher=self.teacher, policy=[policy[i] for i in g] if several else None,
+                                            scored=[scored[i] for i in g] if in_update else None,
+                                            advantages=advantages))
+                    if in_update:  # the sets the update formed, for the step's metrics
+                        for i, ts in zip(g, part_sets):
+                            sets[i] = ts
             self.scheduler.step()
             upd = S.merge_updates(updates)
             self.optimizer.zero_grad(set_to_none=True)  # not held through the next rollouts and scoring

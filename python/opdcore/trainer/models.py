@@ -95,8 +95,7 @@ class OPDModel(nn.Module):
                 logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
             return use(LogitsHead(logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]))
         h = self._hidden(input_ids, attention_mask, pred_index)
-        w = self.hf.get_output_embeddings().weight
-        w = w if w.shape[0] == self.vocab else w[:self.vocab]  # a slice's backward allocates a [V, H] zeros
+        w = self.head_weight()  # sliced: its backward allocates a [V, H] zeros only where the head is padded
         keeps = not _is_fsdp(self)  # FSDP frees the gathered LM head when forward returns
         device = h.device.type
         if torch.is_autocast_enabled(device):  # the LM head in the autocast dtype, through opdcore's kernels as is
@@ -104,6 +103,11 @@ class OPDModel(nn.Module):
             with torch.autocast(device, enabled=False):
                 return use(FusedHead(h.to(dtype), w.to(dtype), weight_outlives_call=keeps))
         return use(FusedHead(h, w, weight_outlives_call=keeps))
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's rows of the shared vocabulary (a model that is neither FSDP-sharded nor tensor-parallel)."""
+        w = self.hf.get_output_embeddings().weight
+        return w if w.shape[0] == self.vocab else w[:self.vocab]
 
     def _generate(self, input_ids, attention_mask, gather_once: bool = False, **kw):
         if gather_once and _is_fsdp(self):

@@ -12,7 +12,7 @@ import torch
 
 from opdcore import objectives as O
 from opdcore.config import Config, several_updates
-from opdcore.objectives import ObjectiveSpec
+from opdcore.objectives import FusedHead, ObjectiveSpec
 from opdcore.ops import TokenSet
 from opdcore.ops.policy import PPOClip
 from opdcore.parallel.tensor_parallel import clip_grad_norm
@@ -39,6 +39,10 @@ class Scored:
     teacher_on_student_lp: Optional[torch.Tensor]  # log q on the student's top-k ids
     teacher_entropy: torch.Tensor
     teacher_sampled_lp: torch.Tensor  # log q(y_t)
+    # scored in the update (score_teacher): the teacher's hidden states [R, H] and log-sum-exp [R] at
+    # loss.teacher_temperature, until the update fills in the student's fields and teacher_on_student_lp
+    teacher_hidden: Optional[torch.Tensor] = None
+    teacher_lse: Optional[torch.Tensor] = None
 
 
 def objective_spec(cfg: Config) -> ObjectiveSpec:
@@ -76,6 +80,32 @@ def score(student, teacher, mb: MicroBatch, cfg: Config) -> Scored:
         teacher_ids=t.ids if k else None, teacher_topk_lp=t.logprobs if k else None,
         teacher_on_student_lp=t.target_logprobs[:, :k] if k else None,
         teacher_entropy=t.entropy, teacher_sampled_lp=t.target_logprobs[:, -1])
+
+
+@torch.no_grad()
+def score_teacher(teacher, mb: MicroBatch, cfg: Config) -> Scored:
+    """The teacher's half of score(), keeping its hidden states for the update to score the student's set
+    (fill_student_scores): the student then needs no forward of its own before the update."""
+    k = cfg.loss.topk
+    t, hidden = _run(teacher, mb, lambda head: (head.score(k, cfg.loss.teacher_temperature, mb.targets[:, None]),
+                                                head.hidden))
+    return Scored(None, None, None, None, teacher_ids=t.ids if k else None, teacher_topk_lp=t.logprobs if k else None,
+                  teacher_on_student_lp=None, teacher_entropy=t.entropy, teacher_sampled_lp=t.target_logprobs[:, 0],
+                  teacher_hidden=hidden, teacher_lse=t.lse)
+
+
+def fill_student_scores(sc: Scored, head, teacher_head: FusedHead, mb: MicroBatch, cfg: Config) -> None:
+    """Inside the update's forward: the student's scores from its own head (no grad; with one update per batch it
+    is the student that sampled the rollouts) and the teacher's log-probs on its top-k from the teacher's kept
+    hidden states, k dot products per token."""
+    k = cfg.loss.topk
+    with torch.no_grad():
+        s = head.score(k, cfg.rollout.temperature, mb.targets[:, None])
+    sc.student_ids, sc.student_logprobs = (s.ids, s.logprobs) if k else (None, None)
+    sc.student_entropy, sc.student_sampled_lp = s.entropy, s.target_logprobs[:, 0]
+    if k:
+        sc.teacher_on_student_lp = teacher_head.logprobs_at(s.ids, cfg.loss.teacher_temperature, sc.teacher_lse)
+    sc.teacher_hidden = sc.teacher_lse = None  # not held past the update
 
 
 def token_set(sc: Scored, mb: MicroBatch, cfg: Config) -> TokenSet:
@@ -155,12 +185,17 @@ def outcome_terms(mbs: List[Optional[MicroBatch]], scored, advantages: Optional[
             for mb, sc in zip(mbs, scored)]
 
 
-def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets: List[TokenSet], weights, cfg: Config,
-           params, outcome=None, teacher=None, policy=None) -> Dict[str, float]:
+def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets: List[Optional[TokenSet]], weights,
+           cfg: Config, params, outcome=None, teacher=None, policy=None, scored=None,
+           advantages: Optional[torch.Tensor] = None) -> Dict[str, float]:
     """One optimizer step: gradient accumulation over the micro-batches, grad clip, and the step (skipped when the
     gradient norm is not finite). A dense divergence runs the teacher again per micro-batch (its hidden states
     are never stored for the whole batch); with `policy` (several updates per batch) the reward-weighted
-    losses are PPO surrogates and the clip counts come back too."""
+    losses are PPO surrogates and the clip counts come back too.
+
+    Scoring in the update (`scored` from score_teacher, `sets` all None): each micro-batch's student scores,
+    token set (written into `sets`) and outcome terms (from `advantages`) are formed inside its forward, and a
+    dense divergence reuses the teacher's kept hidden states."""
     spec = dataclasses.replace(objective_spec(cfg), ppo=ppo_clip(cfg) if policy else None)
     objective = O.make_objective(spec)
     optimizer.zero_grad(set_to_none=True)
@@ -169,16 +204,27 @@ def update(student, optimizer, mbs: List[Optional[MicroBatch]], sets: List[Token
     for i, mb in enumerate(mbs):
         # a rank with too few rollouts replays its first micro-batch at weight 0: FSDP forwards are collectives
         j, scale = (i, 1.0) if mb is not None else (real[0], 0.0)
-        mb, ts = mbs[j], sets[j]
+        mb, w = mbs[j], weights[j] * scale
         with autocast(cfg, mb.input_ids.device, cache=False):  # the forward only: backward and step outside
-            t_head = None
-            if objective.needs_teacher_head:
-                with torch.no_grad():
-                    t_head = _run(teacher, mb, lambda head: head.as_teacher())
-            terms = O.Terms(ts.ids, ts.teacher_logprobs, ts.valid, weights[j] * scale,
-                            ppo=policy[j] if policy else None, outcome=outcome[j] if outcome else None,
-                            teacher=t_head)
-            out = _run(student, mb, lambda head: objective(head, terms))
+            if scored is not None:
+                sc = scored[j]
+                t_head = FusedHead(sc.teacher_hidden, teacher.head_weight().to(sc.teacher_hidden.dtype))
+
+                def use(head):
+                    fill_student_scores(sc, head, t_head, mb, cfg)
+                    sets[j] = ts = token_set(sc, mb, cfg)
+                    out_j = outcome_terms([mb], [sc], advantages)[0]
+                    return objective(head, O.Terms(ts.ids, ts.teacher_logprobs, ts.valid, w, outcome=out_j,
+                                                   teacher=t_head))
+                out = _run(student, mb, use)
+            else:
+                ts, t_head = sets[j], None
+                if objective.needs_teacher_head:
+                    with torch.no_grad():
+                        t_head = _run(teacher, mb, lambda head: head.as_teacher())
+                terms = O.Terms(ts.ids, ts.teacher_logprobs, ts.valid, w, ppo=policy[j] if policy else None,
+                                outcome=outcome[j] if outcome else None, teacher=t_head)
+                out = _run(student, mb, lambda head: objective(head, terms))
         if scale and out.clip_counts is not None:
             clip_counts = out.clip_counts if clip_counts is None else _add_counts(clip_counts, out.clip_counts)
         if out.pg_loss is not None:
