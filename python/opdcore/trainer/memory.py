@@ -3,6 +3,7 @@
 which cannot be reset: every phase then reports the peak so far."""
 from __future__ import annotations
 
+import ctypes
 import math
 from contextlib import contextmanager
 from typing import Dict
@@ -55,20 +56,36 @@ def phase_peak(peaks: Dict[str, float], name: str):
         release()
 
 
+# Trimming is worth it only for a large free heap: the next phase faults whatever was handed back in again (on the
+# tiny synthetic models, trimming after every phase cost ~8% of the step; a real model frees GBs of activations)
+RELEASE_MIN_BYTES = 256 << 20
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def release() -> None:
-    """Hand the heap memory freed since the last call back to the OS (glibc). glibc keeps freed blocks of tensors
-    below its adaptive mmap threshold in the heap: after a training step that is 2-4 GB of activations the
-    process still holds while it generates and scores, and the next phase's peak stacks on top of it."""
-    global _malloc_trim
-    if _malloc_trim is None:
+    """Hand the heap memory freed since the last call back to the OS (glibc) when it is at least
+    RELEASE_MIN_BYTES. glibc keeps freed blocks of tensors below its adaptive mmap threshold in the heap: after a
+    training step that is 2-4 GB of activations the process still holds while it generates and scores, and the
+    next phase's peak stacks on top of it."""
+    global _libc
+    if _libc is None:
         try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim
         except (OSError, AttributeError):  # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+            _libc = False
+        else:
+            if hasattr(_libc, "mallinfo2"):
+                _libc.mallinfo2.restype = _MallInfo2
+    if not _libc:
+        return
+    if hasattr(_libc, "mallinfo2") and _libc.mallinfo2().fordblks < RELEASE_MIN_BYTES:
+        return
+    _libc.malloc_trim(0)
 
 
-_malloc_trim = None
+_libc = None
