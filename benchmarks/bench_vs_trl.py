@@ -643,7 +643,8 @@ What differs between the sides:
 - Optimizer: the same AdamW hyperparameters, but transformers' Trainer exempts biases and norm weights from weight
   decay and uses its default AdamW implementation (optim=adamw_torch_fused); opdcore decays every parameter with
   torch.optim.AdamW.
-- Memory: opdcore returns freed heap to the OS after every phase (malloc_trim); TRL does not.
+- Memory: opdcore returns freed heap to the OS after a phase that leaves 256 MiB or more of it (malloc_trim;
+  real models, not the synthetic pair); TRL does not.
 - Precision of the rollouts: with bf16=True TRL's generate runs in float32 (transformers' autocast covers
   compute_loss only); opdcore samples under its bfloat16 autocast. The teacher is bfloat16 on both sides.
 - GKD with gradient checkpointing generates with use_cache=False (TRL's choice: every new token re-runs the
