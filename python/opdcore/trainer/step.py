@@ -1,4 +1,5 @@
-"""One OPD step after the rollouts: score (student, then teacher), build token sets, update the student."""
+"""One OPD step after the rollouts: score (teacher, and the student unless the update scores it), build token sets,
+update the student."""
 from __future__ import annotations
 
 import dataclasses
