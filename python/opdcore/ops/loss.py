@@ -1,7 +1,7 @@
 """The sparse top-k OPD loss (METHOD.md 2.2-2.4) with hand-written backward kernels.
 
 Every function returns the *per-token* loss [N]; how tokens are averaged (token-mean, seq-mean-...) is the
-caller's choice (opdcore.losses). Only the student logits (or hidden states / LM head) receive gradients:
+caller's choice (opdcore.objectives.aggregation). Only the student logits (or hidden states / LM head) receive gradients:
 the rewards are stop-gradient by construction and the teacher is frozen.
 """
 from __future__ import annotations
