@@ -30,6 +30,23 @@ def test_topk_matches_reference(shape, k, dtype, temperature, ties, neg_inf, see
     assert_topk_equal(got, want, dtype)
 
 
+@pytest.mark.parametrize("k", [1, 15, 16, 17, 40])
+@pytest.mark.parametrize("order", ["ascending", "descending", "one_block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_sorted_rows(k, order, dtype):
+    # Monotone rows put a block's whole top-k in its last (or first) 16 values: the kernel may skip values below
+    # the smallest of its 16 lanes' maxima only while k <= 16.
+    v = 3000
+    x = torch.arange(v, dtype=torch.float32) / 64  # bfloat16 rounds the larger ones into ties
+    if order == "descending":
+        x = x.flip(0)
+    elif order == "one_block":
+        x = torch.full((v,), -5.0)
+        x[1024:2048] = torch.arange(1024, dtype=torch.float32) / 64
+    x = torch.stack([x, x.roll(7)]).to(dtype)
+    assert_topk_equal(opdcore.topk_logprobs(x, k), ref.topk_logprobs(x, k), dtype)
+
+
 @pytest.mark.parametrize("layout", ["transposed", "row_slice", "col_slice"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_topk_non_contiguous(layout, dtype):

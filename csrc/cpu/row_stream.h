@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "opdcore/common.h"
 #include "opdcore/topk_stream.h"
+#include "row_simd.h"
 
 namespace opdcore {
 namespace cpu {
@@ -73,35 +75,111 @@ inline void rescale(A m_old, A m_new, A* s, A* t) {
   *s = f * *s;
 }
 
+// Raise the row's running max to bmax if it is larger (the sums are rescaled to it).
+template <typename A>
+inline void raise_max(const RowRef<A>& r, A bmax) {
+  if (bmax > *r.max) {
+    rescale(*r.max, bmax, r.s, r.t);
+    *r.max = bmax;
+  }
+}
+
+// Offer the values of buf[0, n) that reach the heap's threshold (ids base + j). Values are looked at 16 at a
+// time: a group is scanned only if one of its values may enter, and then its candidates are collected without
+// branches before the (rare) heap insertions, so a random row costs no mispredicted branch per value.
+template <typename A>
+inline void offer_block(const RowRef<A>& r, const A* buf, int64_t n, int64_t base) {
+  int64_t j = 0;
+  while (j < n && r.hi[0] == kEmptyId) { heap_offer(r.hv, r.hi, r.k, buf[j], base + j); ++j; }  // fill the heap
+  int32_t cand[16];
+  for (; j < n; j += 16) {
+    const int64_t g = std::min<int64_t>(16, n - j);
+    const A thr = r.hv[0];
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t q = 0; q < g; ++q) any |= int(buf[j + q] >= thr);
+    if (!any) continue;
+    int nc = 0;
+    for (int64_t q = 0; q < g; ++q) { cand[nc] = int32_t(q); nc += int(buf[j + q] >= thr); }
+    for (int c = 0; c < nc; ++c) heap_offer(r.hv, r.hi, r.k, buf[j + cand[c]], base + j + cand[c]);
+  }
+}
+
+// Record the requested ids' values found in buf (ids base + j).
+template <typename A>
+inline void lookup_targets(const RowRef<A>& r, const A* buf, int64_t nb, int64_t base) {
+  for (int64_t q = 0; q < r.m; ++q) {
+    const int64_t id = r.tid[q] - base;
+    if (id >= 0 && id < nb) r.tv[q] = buf[id];
+  }
+}
+
+#ifdef OPDCORE_ROW_SIMD
+// One block of row_update through row_simd.h's passes; `left` values of the row follow this block.
+template <typename T, bool kEntropy>
+inline bool simd_block(const RowRef<float>& r, const T* xb, int64_t nb, int64_t left, int64_t base, float inv_t,
+                       float* buf) {
+  float bmax, bound;
+  if (!simd::convert_max(xb, nb, inv_t, buf, &bmax, &bound)) return false;
+  raise_max(r, bmax);
+  if (*r.max != neg_inf<float>()) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    float s, t;
+    simd::sums_offer<kEntropy>(buf, nb, *r.max, r.k > 0 ? r.hv : &nan, r.k <= 16 ? bound : neg_inf<float>(),
+                               reinterpret_cast<const char*>(xb + nb), std::min(kBlock, left) * int64_t(sizeof(T)),
+                               &s, &t, [&](int64_t j) { heap_offer(r.hv, r.hi, r.k, buf[j], base + j); });
+    *r.s += s;
+    *r.t += t;
+  } else if (r.k > 0) {
+    offer_block(r, buf, nb, base);  // every value is -inf so far: they still fill the heap
+  }
+  lookup_targets(r, buf, nb, base);
+  return true;
+}
+#endif
+
 // Feed one row segment of n logits (stride cs) holding ids [off, off+n). Returns false on NaN/+inf.
-// buf: kBlock scratch values. track_entropy=false skips the entropy sum (loss kernels).
+// buf: kBlock scratch values. kEntropy=false skips the entropy sum (loss kernels).
 template <typename T, typename A, bool kEntropy = true>
 inline bool row_update(const RowRef<A>& r, const T* x, int64_t n, int64_t cs, int64_t off, A inv_t, A* buf) {
+  const A pinf = std::numeric_limits<A>::infinity();
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t nb = std::min(kBlock, n - b0);
     const T* xb = x + b0 * cs;
-    if (cs == 1) {
-#pragma omp simd
-      for (int64_t j = 0; j < nb; ++j) buf[j] = A(to_float(xb[j])) * inv_t;
-    } else {
-      for (int64_t j = 0; j < nb; ++j) buf[j] = A(to_float(xb[j * cs])) * inv_t;
+    const int64_t base = off + b0;
+#ifdef OPDCORE_ROW_SIMD
+    if constexpr (std::is_same<A, float>::value && !std::is_same<T, double>::value) {
+      if (cs == 1) {  // the AVX-512 passes
+        if (!simd_block<T, kEntropy>(r, xb, nb, n - b0 - nb, base, inv_t, buf)) return false;
+        continue;
+      }
     }
+#endif
+    // Pass 1: convert to the accumulator type (scaled by 1/temperature), block max, NaN/+inf, candidates.
     A bmax = neg_inf<A>();
     int bad = 0, candidates = 0;
-    const A pinf = std::numeric_limits<A>::infinity();
     const A thr0 = r.k > 0 ? r.hv[0] : pinf;  // heap threshold before this block
+    if (cs == 1) {
 #pragma omp simd reduction(max : bmax) reduction(| : bad) reduction(+ : candidates)
-    for (int64_t j = 0; j < nb; ++j) {
-      const A y = buf[j];
-      bmax = y > bmax ? y : bmax;
-      bad |= int(!(y == y)) | int(y == pinf);
-      candidates += int(y >= thr0);
+      for (int64_t j = 0; j < nb; ++j) {
+        const A y = A(to_float(xb[j])) * inv_t;
+        buf[j] = y;
+        bmax = y > bmax ? y : bmax;
+        bad |= int(!(y == y)) | int(y == pinf);
+        candidates += int(y >= thr0);
+      }
+    } else {
+      for (int64_t j = 0; j < nb; ++j) {
+        const A y = A(to_float(xb[j * cs])) * inv_t;
+        buf[j] = y;
+        bmax = y > bmax ? y : bmax;
+        bad |= int(!(y == y)) | int(y == pinf);
+        candidates += int(y >= thr0);
+      }
     }
     if (bad) return false;
-    if (bmax > *r.max) {
-      rescale(*r.max, bmax, r.s, r.t);
-      *r.max = bmax;
-    }
+    raise_max(r, bmax);
+    // Pass 2: the softmax sums against the running max.
     const A mx = *r.max;
     if (mx != neg_inf<A>()) {
       A s = 0, t = 0;
@@ -120,24 +198,8 @@ inline bool row_update(const RowRef<A>& r, const T* x, int64_t n, int64_t cs, in
       *r.s += s;
       *r.t += t;
     }
-    const int64_t base = off + b0;
-    if (candidates > 0) {  // most blocks of a long row hold nothing that can enter the heap
-      // Threshold rejection: a group of 16 values is looked at one by one only if one may enter the heap.
-      int64_t j = 0;
-      for (; j + 16 <= nb; j += 16) {
-        const A thr = r.hv[0];
-        int any = 0;
-#pragma omp simd reduction(| : any)
-        for (int64_t q = 0; q < 16; ++q) any |= int(buf[j + q] >= thr);
-        if (!any) continue;
-        for (int64_t q = j; q < j + 16; ++q) heap_offer(r.hv, r.hi, r.k, buf[q], base + q);
-      }
-      for (; j < nb; ++j) heap_offer(r.hv, r.hi, r.k, buf[j], base + j);
-    }
-    for (int64_t q = 0; q < r.m; ++q) {
-      const int64_t id = r.tid[q] - base;
-      if (id >= 0 && id < nb) r.tv[q] = buf[id];
-    }
+    if (candidates > 0) offer_block(r, buf, nb, base);  // most blocks of a long row hold nothing for the heap
+    lookup_targets(r, buf, nb, base);
   }
   return true;
 }
