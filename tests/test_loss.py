@@ -279,6 +279,33 @@ def test_weighted_linear_loss_matches_unfused(n, v, h, kk, block, mode, seed):
     torch.testing.assert_close(weight.grad, w2.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [40, 700, 1 << 24])
+@pytest.mark.parametrize("upstream", [1.0, 3.0])
+def test_weighted_linear_loss_16bit_head_gradient(dtype, block, upstream):
+    # a trained 16-bit head takes its gradient from a second pass over vocabulary chunks (block / N columns)
+    g = torch.Generator().manual_seed(5)
+    n, v, h = 24, 300, 16
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, generator=g) * 0.5).to(dtype).requires_grad_(True)
+    ids = torch.randint(0, v, (n, 6), generator=g)
+    tq = -torch.rand(n, 6, generator=g) * 6
+    valid = torch.rand(n, 6, generator=g) < 0.8
+    w = torch.rand(n, generator=g)
+    total, _ = opdcore.ops.opd_topk_loss_linear_weighted(hidden, weight, ids, tq, w, valid, temperature=0.9,
+                                                         max_block_elements=block)
+    (upstream * total if upstream != 1.0 else total).backward()
+    h2 = hidden.detach().double().requires_grad_(True)
+    w2 = weight.detach().double().requires_grad_(True)
+    loss_r, _ = ref.opd_topk_loss(h2 @ w2.T, ids, tq.double(), valid, "student_p", 0.9, 0.0)
+    (upstream * (loss_r * w.double()).sum()).backward()
+    assert weight.grad.dtype == dtype and hidden.grad.dtype == dtype
+    scale = w2.grad.abs().max()
+    torch.testing.assert_close(weight.grad.double() / scale, w2.grad / scale, atol=1e-2, rtol=0)
+    scale = h2.grad.abs().max()
+    torch.testing.assert_close(hidden.grad.double() / scale, h2.grad / scale, atol=1e-2, rtol=0)
+
+
 def test_weighted_linear_loss_errors_and_frozen_head():
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(30, 8)

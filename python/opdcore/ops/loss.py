@@ -311,33 +311,51 @@ class WeightedLinearSetLoss(torch.autograd.Function):
     once its log-sum-exp is known, its logits gradient in place, then d hidden and d weight. Three matmuls in
     all, against four for the vocabulary-chunked per-token version, which must finish the log-sum-exp over the
     whole vocabulary before it can form any gradient. backward() only scales the stored gradients.
+
+    A 16-bit head is the exception: summing d weight over row blocks needs a float32 accumulator, and a 16-bit
+    GEMM cannot add into one, so every block's product would be a float32 GEMM (several times slower than the
+    16-bit one on CPUs with bfloat16 units). There d weight comes from a second pass over vocabulary chunks
+    instead, once the log-sum-exp of every row is known: the chunk's logits again, their gradient, and one 16-bit
+    GEMM over all rows (float32 accumulation inside it, rounded once). Four matmuls, all at the 16-bit rate.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, token_weights, rule, rows_per_block):
+    def forward(ctx, hidden, weight, token_weights, rule, budget):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w_by_vocab = need_w and weight.dtype in (torch.bfloat16, torch.float16)
         grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        N, ids = hidden.shape[0], rule.ids
+        grad_w = None
+        if need_w:
+            grad_w = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device) if w_by_vocab else \
+                torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        (N, V), ids = (hidden.shape[0], weight.shape[0]), rule.ids
         loss = torch.empty(N, dtype=acc, device=hidden.device)
         coef = torch.empty(ids.shape, dtype=acc, device=hidden.device)
         slp = torch.empty(ids.shape, dtype=acc, device=hidden.device)
         lse = torch.empty(N, dtype=acc, device=hidden.device)
+        rows = max(1, min(N, budget // V))
         with torch.no_grad():
-            for r0 in range(0, N, rows_per_block):
-                r1 = min(N, r0 + rows_per_block)
+            for r0 in range(0, N, rows):
+                r1 = min(N, r0 + rows)
                 h = hidden[r0:r1]
                 z = h @ weight.T
                 out = rule.from_logits(z, r0, r1)
                 loss[r0:r1], coef[r0:r1], slp[r0:r1], lse[r0:r1] = out
-                if need_h or need_w:
+                if need_h or (need_w and not w_by_vocab):
                     _ops.opd_topk_loss_bwd_chunk_(z, 0, token_weights[r0:r1], out[3], ids[r0:r1], out[1],
                                                   rule.temperature)
                     if need_h:
                         torch.matmul(z, weight, out=grad_h[r0:r1])
-                    if need_w:
+                    if need_w and not w_by_vocab:
                         grad_w.addmm_(z.T.to(acc), h.to(acc))
+            if w_by_vocab:
+                cols = max(1, min(V, budget // N))
+                for v0 in range(0, V, cols):
+                    v1 = min(V, v0 + cols)
+                    z = hidden @ weight[v0:v1].T
+                    _ops.opd_topk_loss_bwd_chunk_(z, v0, token_weights, lse, ids, coef, rule.temperature)
+                    torch.matmul(z.T, hidden, out=grad_w[v0:v1])
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         ctx.mark_non_differentiable(loss, coef, slp, lse)
         return (loss.to(token_weights.dtype) * token_weights).sum(), loss, coef, slp, lse
@@ -351,8 +369,8 @@ class WeightedLinearSetLoss(torch.autograd.Function):
         """Checks token_weights and the block budget, then applies: (total, loss, coefficients, slp, lse)."""
         check_weighted(hidden, token_weights, max_block_elements)
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        rows = max(1, min(hidden.shape[0], max_block_elements // weight.shape[0]))
-        return WeightedLinearSetLoss.apply(hidden, weight, token_weights.detach().to(acc).contiguous(), rule, rows)
+        return WeightedLinearSetLoss.apply(hidden, weight, token_weights.detach().to(acc).contiguous(), rule,
+                                           max_block_elements)
 
 
 def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
