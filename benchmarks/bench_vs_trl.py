@@ -25,6 +25,8 @@ float32, the preset's answer extraction).
 
 Runs alternate TRL and opdcore (the side that goes first alternates per round), each from freshly loaded weights;
 the first step of every run is a warm-up and is left out; the table gives medians over the rest of all rounds.
+With --isolate every run is its own fresh Python process (this script again, one variant, result as JSON), so no
+run inherits another's heap, allocator caches or thread pools; without it all runs share one process.
 """
 from __future__ import annotations
 
@@ -32,10 +34,12 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import json
 import logging
 import math
 import os
 import platform
+import subprocess
 import shutil
 import statistics
 import sys
@@ -497,6 +501,16 @@ def med(rows, key):
     return statistics.median(vals) if vals else float("nan")
 
 
+def run_isolated(argv, side: str, kind: str, out: str) -> dict:
+    """One run in a fresh process: this script with the same arguments, for one variant."""
+    os.makedirs(out, exist_ok=True)
+    result = os.path.join(out, "result.json")
+    args = [x for x in argv if x != "--isolate"] + ["--one", f"{side}:{kind}", "--result", result]
+    subprocess.run([sys.executable, os.path.abspath(__file__)] + args, check=True)
+    with open(result) as f:
+        return json.load(f)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=("synthetic", "smollm2"), default="synthetic")
@@ -517,6 +531,10 @@ def main(argv=None):
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true",
                    help="TRL without gradient checkpointing even where opdcore's preset uses it (smollm2)")
     p.add_argument("--quick", action="store_true", help="tiny settings: checks that it runs, numbers mean nothing")
+    p.add_argument("--isolate", action="store_true", help="every run in a fresh process (see the module docstring)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # side:kind: this process runs one variant (--isolate's child)
+    p.add_argument("--result", help=argparse.SUPPRESS)  # ... and writes its result here as JSON
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     big = a.preset == "smollm2"
     if a.quick:
@@ -549,6 +567,16 @@ def main(argv=None):
         import opdcore.trainer.loop  # noqa: F401
     b = make_bench(a)
     torch.set_num_threads(b.threads)
+    if a.one:  # --isolate's child: one run, its result to the parent
+        side, kind = a.one.split(":")
+        out = tempfile.mkdtemp(prefix="bench-vs-trl-one-")
+        try:
+            res = run_trl(b, kind, out) if side == "trl" else run_opdcore(b, kind, out)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        with open(a.result, "w") as f:
+            json.dump(res, f)
+        return
     load0 = os.getloadavg()
     t_start = time.perf_counter()
     print(f"bench_vs_trl: preset {b.preset}, {b.threads} thread(s), {b.prompts_per_step} prompts x {b.n} samples, "
@@ -568,7 +596,10 @@ def main(argv=None):
                 release()
                 out = os.path.join(tmp, f"{side}-{kind}-{rnd}")
                 t0 = time.perf_counter()
-                res = run_trl(b, kind, out) if side == "trl" else run_opdcore(b, kind, out)
+                if a.isolate:
+                    res = run_isolated(argv, side, kind, out)
+                else:
+                    res = run_trl(b, kind, out) if side == "trl" else run_opdcore(b, kind, out)
                 res["rows"] = res["rows"][a.warmup:]
                 results[(side, kind)].append(res)
                 if res["threads_after"] != b.threads:

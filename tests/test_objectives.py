@@ -162,3 +162,18 @@ def test_objective_errors():
         make_objective(ObjectiveSpec(loss="dense"))(FusedHead(hidden, weight), dataclasses.replace(terms, teacher=None))
     with pytest.raises(ValueError, match="terms.ppo"):
         make_objective(ObjectiveSpec(topk=4, ppo=PPOClip()))(FusedHead(hidden, weight), terms)
+
+
+@pytest.mark.parametrize("v,m", [(40, 8), (3000, 8)])  # the whole-logits path (small vocabulary) and the gather
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_logprobs_at(v, m, dtype):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(50, 16, generator=g).to(dtype)
+    weight = torch.randn(v, 16, generator=g).to(dtype)
+    ids = torch.randint(0, v, (50, m), generator=g)
+    head = FusedHead(hidden, weight)
+    lse = head.score(4, 0.7, None).lse
+    got = head.logprobs_at(ids, 0.7, lse, rows=16)
+    want = torch.log_softmax((hidden @ weight.T).float() / 0.7, -1).gather(1, ids)
+    torch.testing.assert_close(got, want, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=1e-5)
+    assert (got <= 0).all()

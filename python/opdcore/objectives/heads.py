@@ -122,10 +122,16 @@ class FusedHead(LMHead):
         them (bfloat16 logits round to 1/128 of their size), so they agree with lse; the log-probs come out in
         lse's dtype, at most 0."""
         out = torch.empty(ids.shape, dtype=lse.dtype, device=lse.device)
+        # a set that is a sizeable part of a small vocabulary: the block's whole logits (one GEMM) cost less than
+        # gathering m head rows per token
+        whole = self.weight.shape[0] <= 16 * ids.shape[1]
         for r0 in range(0, ids.shape[0], rows):
             r1 = min(ids.shape[0], r0 + rows)
-            w = self.weight.index_select(0, ids[r0:r1].reshape(-1)).view(r1 - r0, ids.shape[1], -1)
-            z = torch.bmm(w, self.hidden[r0:r1].unsqueeze(2)).squeeze(2).to(lse.dtype)
+            if whole:
+                z = (self.hidden[r0:r1] @ self.weight.T).gather(1, ids[r0:r1]).to(lse.dtype)
+            else:
+                w = self.weight.index_select(0, ids[r0:r1].reshape(-1)).view(r1 - r0, ids.shape[1], -1)
+                z = torch.bmm(w, self.hidden[r0:r1].unsqueeze(2)).squeeze(2).to(lse.dtype)
             out[r0:r1] = z / temperature - lse[r0:r1, None]
         return out.clamp_(max=0.0)
 
