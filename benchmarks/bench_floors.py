@@ -9,23 +9,35 @@
   pass, approximated by `torch.logsumexp` over the same logits: shown for reference, not as the bound).
 - the fused LM head + top-k loss with the gradient formed in the forward (`opd_topk_loss_linear_weighted`,
   weight trained as the trainer's tied head is) against the bare GEMMs it needs: logits = hidden @ weight.T,
-  d hidden = G @ weight, d weight = G.T @ hidden over all rows at once (torch.matmul of the same shapes and
-  dtype into preallocated outputs: the least any implementation must multiply), and with the weight frozen
-  (two GEMMs).
+  d hidden = G @ weight, d weight = G.T @ hidden, each one torch.matmul over all N rows and V columns at once
+  (preallocated outputs, the input dtype; [N, V] logits held, so GEMMs at their most efficient shapes), and with
+  the weight frozen (two GEMMs). The fused loss never holds [N, V]: it works on row blocks of 2^24 logits.
 
-Prints a markdown table (median of --repeats after a warm-up; ratios are same-run).
+Prints a markdown table (median of --repeats, timed in turns after a warm-up; ratios are same-run).
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
+import statistics
+import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import opdcore  # noqa: E402
-from harness import median_seconds  # noqa: E402
+import opdcore
+
+
+def interleaved(fns, repeats):
+    """Median seconds of each fn, timed in turns (a, b, a, b, ...) after one warm-up each, so a slow spell of
+    the shared machine hits every method alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def read_once(x):
@@ -34,9 +46,8 @@ def read_once(x):
 
 def extraction_rows(N, V, dt, k, repeats):
     x = (torch.randn(N, V) * 3).to(dt)
-    t_read = median_seconds(lambda: read_once(x), repeats)
-    t_ext = median_seconds(lambda: opdcore.topk_logprobs(x, k), repeats)
-    t_lse = median_seconds(lambda: torch.logsumexp(x.float() if dt != torch.float32 else x, -1), repeats)
+    t_read, t_ext, t_lse = interleaved([lambda: read_once(x), lambda: opdcore.topk_logprobs(x, k),
+                                        lambda: torch.logsumexp(x.float() if dt != torch.float32 else x, -1)], repeats)
     gbs = x.numel() * x.element_size() / t_read / 1e9
     return [("extraction", "read the logits once (bound)", t_read, f"{gbs:.0f} GB/s"),
             ("extraction", "torch.logsumexp (reference)", t_lse, ""),
@@ -49,32 +60,23 @@ def fused_rows(N, V, H, dt, k, repeats, train_weight):
     ids = torch.randint(0, V, (N, k))
     tq = torch.log_softmax(torch.randn(N, k), -1) - 2.0
     tw = torch.full((N,), 1.0 / N)
-    rows = max(1, min(N, (1 << 24) // V))  # the kernel's block of rows
-    z = torch.empty(rows, V, dtype=dt)
+    z = torch.empty(N, V, dtype=dt)  # the floor holds all logits at once: GEMMs at their best shapes
     gh = torch.empty(N, H, dtype=dt)
     gw = torch.empty(V, H, dtype=dt)
-    g_all = torch.empty(N, min(V, max(1, (1 << 24) // N)), dtype=dt)  # d weight by vocabulary chunks
 
     def gemms():
         with torch.no_grad():
-            for r0 in range(0, N, rows):
-                r1 = min(N, r0 + rows)
-                zz = z[: r1 - r0]
-                torch.matmul(hidden[r0:r1], weight.T, out=zz)
-                torch.matmul(zz, weight, out=gh[r0:r1])
+            torch.matmul(hidden, weight.T, out=z)
+            torch.matmul(z, weight, out=gh)
             if train_weight:
-                c = g_all.shape[1]
-                for v0 in range(0, V, c):
-                    v1 = min(V, v0 + c)
-                    torch.matmul(g_all[:, : v1 - v0].T, hidden, out=gw[v0:v1])
+                torch.matmul(z.T, hidden, out=gw)
 
     def fused():
         hidden.grad = weight.grad = None
         total = opdcore.ops.opd_topk_loss_linear_weighted(hidden, weight, ids, tq, tw)[0]
         total.backward()
 
-    t_g = median_seconds(gemms, repeats)
-    t_f = median_seconds(fused, repeats)
+    t_g, t_f = interleaved([gemms, fused], repeats)
     what = "LM head + loss, weight trained" if train_weight else "LM head + loss, weight frozen"
     n = 3 if train_weight else 2
     return [(what, f"{n} bare GEMMs (floor)", t_g, ""),

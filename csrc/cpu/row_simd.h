@@ -7,6 +7,9 @@
 #pragma once
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define OPDCORE_ROW_SIMD 1
+// gcc 12 warns that the _mm512_reduce_* intrinsics' own _mm512_undefined_ps() operands may be uninitialized
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 
 #include <cstdint>
@@ -100,4 +103,5 @@ inline void sums_offer(const float* buf, int64_t nb, float mx, const float* thr,
 }  // namespace cpu
 }  // namespace opdcore
 
+#pragma GCC diagnostic pop
 #endif
