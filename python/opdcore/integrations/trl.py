@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from opdcore import metrics
 from opdcore.objectives import FusedHead, LMHead, LogitsHead, ObjectiveSpec, Terms, make_objective
-from opdcore.ops import WEIGHT_MODES, build_token_set, canonical_strategy
+from opdcore.ops import DEFAULT_BLOCK_ELEMENTS, WEIGHT_MODES, build_token_set, canonical_strategy
 
 import trl
 from trl import DistillationTrainer
@@ -87,7 +87,7 @@ class OPDCoreLoss:
     log_ratio_clip: float = 0.0
     lm_head: str = "auto"
     diagnostics: str = "logging_steps"
-    max_block_elements: int = 1 << 24
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS
 
     def __post_init__(self):
         if self.loss not in LOSSES:

@@ -102,7 +102,7 @@ class FusedHead(LMHead):
     the row-block budget of the losses that form their gradient in the forward ([rows, V] logits per block)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, weight_outlives_call: bool = True,
-                 max_block_elements: int = 1 << 24):
+                 max_block_elements: int = ops.DEFAULT_BLOCK_ELEMENTS):
         self.hidden, self.weight, self.weight_outlives_call = hidden, weight, weight_outlives_call
         self.block = dict(max_block_elements=max_block_elements)
 

@@ -17,4 +17,4 @@ from opdcore.ops.policy import PPOLoss, ppo_coefficients, ppo_topk_loss, ppo_top
 from opdcore.ops.tail_kl import TailKL, tail_topk_kl, tail_topk_kl_linear_weighted
 from opdcore.ops.token_set import (STRATEGIES, STRATEGY_ALIASES, TokenSet, build_token_set, canonical_strategy,
                                    set_is_student_topk)
-from opdcore.ops.topk import StreamResult, StreamState, TopK, linear_topk, logprobs_at, topk_logprobs
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, StreamResult, StreamState, TopK, linear_topk, logprobs_at, topk_logprobs

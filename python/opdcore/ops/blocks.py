@@ -9,9 +9,9 @@ from opdcore.ops.dense import divergence_index
 from opdcore.ops.loss import OPDRule, prepare_set
 from opdcore.ops.policy import prepare_ppo
 from opdcore.ops.tail_kl import prepare_tail_kl
-from opdcore.ops.topk import as_long, check_linear, check_weighted, iter_head_chunks
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, as_long, check_linear, check_weighted, iter_head_chunks
 
 kernels = torch.ops.opdcore
 
-__all__ = ["OPDRule", "as_long", "check_linear", "check_weighted", "divergence_index", "iter_head_chunks",
+__all__ = ["DEFAULT_BLOCK_ELEMENTS", "OPDRule", "as_long", "check_linear", "check_weighted", "divergence_index", "iter_head_chunks",
            "kernels", "prepare_ppo", "prepare_set", "prepare_tail_kl", "scaled_saved_grads"]

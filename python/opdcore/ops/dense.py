@@ -9,7 +9,7 @@ import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device, check_devices
-from opdcore.ops.topk import check_weighted
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, check_weighted
 
 _ops = torch.ops.opdcore
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -94,7 +94,7 @@ class _WeightedLinearDense(torch.autograd.Function):
 def dense_divergence_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, teacher_hidden: torch.Tensor,
                                      teacher_weight: torch.Tensor, token_weights: torch.Tensor,
                                      divergence: str = "reverse_kl", *, beta: float = 0.5, temperature: float = 1.0,
-                                     teacher_logit_scale: float = 1.0, max_block_elements: int = 1 << 24):
+                                     teacher_logit_scale: float = 1.0, max_block_elements: int = DEFAULT_BLOCK_ELEMENTS):
     """(sum_t token_weights[t] * D_t, per-token D [N]) for student logits hidden @ weight.T and teacher logits
     (teacher_hidden @ teacher_weight.T) * teacher_logit_scale, never holding more than one [rows, V] block of
     each (rows = max_block_elements // V). For trainers that know each token's weight in the final loss up front

@@ -12,7 +12,7 @@ import torch
 
 from opdcore.ops._autograd import scaled_saved_grads
 from opdcore.ops._device import check_device, check_devices
-from opdcore.ops.topk import StreamState, as_long, check_linear, check_weighted, iter_head_chunks
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, StreamState, as_long, check_linear, check_weighted, iter_head_chunks
 
 _ops = torch.ops.opdcore
 
@@ -377,7 +377,7 @@ def opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
                                   teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
                                   valid: Optional[torch.Tensor] = None, *, weight_mode: str = "student_p",
                                   temperature: float = 1.0, log_ratio_clip: float = 0.0,
-                                  max_block_elements: int = 1 << 24, check_logprobs: bool = True):
+                                  max_block_elements: int = DEFAULT_BLOCK_ELEMENTS, check_logprobs: bool = True):
     """(sum_t token_weights[t] * loss_t, OPDLoss) on logits = hidden @ weight.T, never holding [N, V].
 
     For trainers that know each token's weight in the final loss before the forward (token-mean: 1/N_tok):

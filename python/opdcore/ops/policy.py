@@ -22,7 +22,7 @@ import torch
 
 from opdcore.ops._device import check_device, check_devices
 from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, prepare_set
-from opdcore.ops.topk import as_long, check_linear
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, as_long, check_linear
 
 _ops = torch.ops.opdcore
 
@@ -144,7 +144,7 @@ def ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, id
                                   old_logprobs: torch.Tensor, advantages: torch.Tensor, token_weights: torch.Tensor,
                                   valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
                                   clip_low: float = 0.2, clip_high: Optional[float] = None, dual_clip: float = 3.0,
-                                  max_block_elements: int = 1 << 24):
+                                  max_block_elements: int = DEFAULT_BLOCK_ELEMENTS):
     """(sum_t token_weights[t] * loss_t, PPOLoss) of ppo_topk_loss on logits = hidden @ weight.T, gradients formed
     in the forward over row blocks (as opd_topk_loss_linear_weighted: three head matmuls, never [N, V])."""
     check_devices(hidden=hidden, weight=weight, ids=ids,

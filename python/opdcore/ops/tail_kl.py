@@ -25,7 +25,7 @@ import torch
 from opdcore.ops._device import check_devices
 from opdcore.ops.loss import SetLossFunction, WeightedLinearSetLoss, prepare_set
 from opdcore.ops.policy import _check_id_range
-from opdcore.ops.topk import check_linear
+from opdcore.ops.topk import DEFAULT_BLOCK_ELEMENTS, check_linear
 
 _ops = torch.ops.opdcore
 
@@ -132,7 +132,7 @@ def tail_topk_kl(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logpro
 def tail_topk_kl_linear_weighted(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor,
                                  teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
                                  valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
-                                 log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24):
+                                 log_ratio_clip: float = 0.0, max_block_elements: int = DEFAULT_BLOCK_ELEMENTS):
     """(sum_t token_weights[t] * loss_t, TailKL) on logits = hidden @ weight.T, gradients formed in the forward
     over row blocks (three head matmuls, never [N, V]; as opd_topk_loss_linear_weighted)."""
     check_devices(hidden=hidden, weight=weight, ids=ids, teacher_logprobs=teacher_logprobs,

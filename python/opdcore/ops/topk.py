@@ -138,6 +138,12 @@ def check_linear(hidden: torch.Tensor, weight: torch.Tensor, chunk_size: Optiona
     return min(chunk, weight.shape[0])
 
 
+
+# Row-block budget of the losses that form their gradient in the forward: [rows, V] logits per block. 2^25 (128 MiB
+# in float32) keeps >= 220 rows at V = 151936; the GEMMs of 110-row blocks (2^24) ran 1.4x slower on a 2-core
+# AVX-512 CPU (benchmarks/RESULTS.md, bench_floors).
+DEFAULT_BLOCK_ELEMENTS = 1 << 25
+
 def check_weighted(hidden: torch.Tensor, token_weights: torch.Tensor, max_block_elements: int) -> None:
     """The arguments of the row-block losses that form their gradient in the forward."""
     if token_weights.shape != (hidden.shape[0],) or not token_weights.is_floating_point():

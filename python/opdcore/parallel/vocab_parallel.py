@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from opdcore.ops import OPDLoss, PPOLoss, StreamResult, StreamState, TailKL, weight_mode_index
-from opdcore.ops.blocks import (OPDRule, as_long, check_linear, check_weighted, divergence_index, iter_head_chunks,
+from opdcore.ops.blocks import (DEFAULT_BLOCK_ELEMENTS, OPDRule, as_long, check_linear, check_weighted, divergence_index, iter_head_chunks,
                                 kernels, prepare_ppo, prepare_set, prepare_tail_kl, scaled_saved_grads)
 
 
@@ -281,7 +281,7 @@ def vocab_parallel_opd_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
                                                  teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
                                                  valid: Optional[torch.Tensor] = None, *,
                                                  weight_mode: str = "student_p", temperature: float = 1.0,
-                                                 log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24,
+                                                 log_ratio_clip: float = 0.0, max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                                                  check_logprobs: bool = True, group=None):
     """opd_topk_loss_linear_weighted with the LM head split by vocabulary rows (weight_shard [V_r, H] on rank r;
     hidden, ids, teacher_logprobs, valid, token_weights the same on every rank): (sum_t token_weights[t] *
@@ -338,7 +338,7 @@ def vocab_parallel_ppo_topk_loss_linear_weighted(hidden: torch.Tensor, weight_sh
                                                  token_weights: torch.Tensor, valid: Optional[torch.Tensor] = None, *,
                                                  temperature: float = 1.0, clip_low: float = 0.2,
                                                  clip_high: Optional[float] = None, dual_clip: float = 3.0,
-                                                 max_block_elements: int = 1 << 24, group=None):
+                                                 max_block_elements: int = DEFAULT_BLOCK_ELEMENTS, group=None):
     """opdcore.ops.ppo_topk_loss_linear_weighted with the LM head split by vocabulary rows (as
     vocab_parallel_opd_topk_loss_linear_weighted): (sum_t token_weights[t] * loss_t, PPOLoss), replicated."""
     what = "vocab_parallel_ppo_topk_loss_linear_weighted"
@@ -490,7 +490,7 @@ def vocab_parallel_tail_topk_kl(logits_shard: torch.Tensor, ids: torch.Tensor, t
 def vocab_parallel_tail_topk_kl_linear_weighted(hidden: torch.Tensor, weight_shard: torch.Tensor, ids: torch.Tensor,
                                                 teacher_logprobs: torch.Tensor, token_weights: torch.Tensor,
                                                 valid: Optional[torch.Tensor] = None, *, temperature: float = 1.0,
-                                                log_ratio_clip: float = 0.0, max_block_elements: int = 1 << 24,
+                                                log_ratio_clip: float = 0.0, max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
                                                 group=None):
     """opdcore.ops.tail_topk_kl_linear_weighted with the LM head split by vocabulary rows (as
     vocab_parallel_opd_topk_loss_linear_weighted): (sum_t token_weights[t] * loss_t, TailKL), replicated."""
