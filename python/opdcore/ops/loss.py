@@ -335,11 +335,15 @@ class WeightedLinearSetLoss(torch.autograd.Function):
         slp = torch.empty(ids.shape, dtype=acc, device=hidden.device)
         lse = torch.empty(N, dtype=acc, device=hidden.device)
         rows = max(1, min(N, budget // V))
+        cols = max(1, min(V, budget // N))
+        # one workspace for every block's logits: a fresh block per iteration would fault its pages in again and
+        # briefly hold two blocks (the next is allocated before the last is freed)
+        work = torch.empty(max(rows * V, N * cols if w_by_vocab else 0), dtype=hidden.dtype, device=hidden.device)
         with torch.no_grad():
             for r0 in range(0, N, rows):
                 r1 = min(N, r0 + rows)
                 h = hidden[r0:r1]
-                z = h @ weight.T
+                z = torch.matmul(h, weight.T, out=work[:(r1 - r0) * V].view(r1 - r0, V))
                 out = rule.from_logits(z, r0, r1)
                 loss[r0:r1], coef[r0:r1], slp[r0:r1], lse[r0:r1] = out
                 if need_h or (need_w and not w_by_vocab):
@@ -348,12 +352,11 @@ class WeightedLinearSetLoss(torch.autograd.Function):
                     if need_h:
                         torch.matmul(z, weight, out=grad_h[r0:r1])
                     if need_w and not w_by_vocab:
-                        grad_w.addmm_(z.T.to(acc), h.to(acc))
+                        grad_w.addmm_(z.T, h)
             if w_by_vocab:
-                cols = max(1, min(V, budget // N))
                 for v0 in range(0, V, cols):
                     v1 = min(V, v0 + cols)
-                    z = hidden @ weight[v0:v1].T
+                    z = torch.matmul(hidden, weight[v0:v1].T, out=work[:N * (v1 - v0)].view(N, v1 - v0))
                     _ops.opd_topk_loss_bwd_chunk_(z, v0, token_weights, lse, ids, coef, rule.temperature)
                     torch.matmul(z.T, hidden, out=grad_w[v0:v1])
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
