@@ -2,6 +2,7 @@
 top-k loss against the plain PyTorch way, forward + backward, median seconds and peak extra memory.
 
     python benchmarks/bench_scaling.py [--threads 2] [--hidden 896] [--repeats 3] [--plot benchmarks/scaling.png]
+    python benchmarks/bench_scaling.py --dtype bfloat16 --n-values 256 1024 4096 8192 16384   # 16-bit, long
 
 The step is what the update does after the model's backbone: hidden states [N, H] (float32, requiring grad) and
 the LM head [V, H] -> the reward-weighted top-k loss on the student's top-k set with given teacher log-probs ->
@@ -10,7 +11,8 @@ gradient formed in the forward, never [N, V]); plain PyTorch: logits = hidden @ 
 same loss through autograd. Three sweeps around a base point (N = 1024, V = 65536, k = 16): N in 256..4096,
 V in 32000..151936, k in 1..64. A plain-PyTorch point that would need more than --max-gib of logits is skipped.
 Memory is each step's peak extra resident memory measured in a fresh process (the step's inputs are already
-allocated there; the weight gradient [V, H] counts).
+allocated there; the weight gradient [V, H] counts). --dtype bfloat16 makes hidden states and head bfloat16 (the
+trainer's autocast head; plain PyTorch takes the log-softmax in float32, as is usual).
 """
 from __future__ import annotations
 
@@ -28,10 +30,13 @@ from harness import median_seconds, peak_extra_mib  # noqa: E402
 import opdcore  # noqa: E402
 
 
+DTYPE = torch.float32  # --dtype
+
+
 def _inputs(n, v, h, k, seed=0):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, h, generator=g) * 0.5).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) * 0.05).requires_grad_()
+    hidden = (torch.randn(n, h, generator=g) * 0.5).to(DTYPE).requires_grad_()
+    weight = (torch.randn(v, h, generator=g) * 0.05).to(DTYPE).requires_grad_()
     # k distinct ids per row without [n, V] of temporaries: a random start, then k ids V // k apart
     ids = (torch.randint(0, v, (n, 1), generator=g) + torch.arange(k) * (v // k)) % v
     tq = torch.randn(n, k, generator=g).log_softmax(1) - 1.0
@@ -44,7 +49,7 @@ def _opdcore(hidden, weight, ids, tq, w):
 
 
 def _plain(hidden, weight, ids, tq, w):
-    lp = torch.log_softmax(hidden @ weight.T, dim=-1)
+    lp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
     slp = lp.gather(1, ids)
     with torch.no_grad():
         r = -torch.softmax(slp, -1) * (slp - tq)  # student_p weights, r = -w (log p - log q)
@@ -65,7 +70,8 @@ def _peak_in_fresh_process(name, n, v, h, k, threads) -> float:
     """Peak extra resident memory of one step, in a process of its own: in a long-lived one the step reuses heap
     an earlier step freed and the high-water mark misses it."""
     out = subprocess.run([sys.executable, __file__, "--memory-point", name, str(n), str(v), str(h), str(k),
-                          "--threads", str(threads)], capture_output=True, text=True, check=True)
+                          "--threads", str(threads), "--dtype", str(DTYPE).split(".")[1]],
+                         capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -73,7 +79,7 @@ def measure(n, v, h, k, repeats, max_gib, threads):
     args = _inputs(n, v, h, k)
     row = {"N": n, "V": v, "k": k}
     for name in METHODS:
-        if name == "torch" and 3 * n * v * 4 > max_gib * 2**30:  # logits, log-softmax and their gradient
+        if name == "torch" and 3 * n * v * 4 > max_gib * 2**30:  # logits, log-softmax and their gradient (fp32)
             row[f"{name}_s"] = row[f"{name}_mib"] = float("nan")
             continue
         row[f"{name}_s"] = median_seconds(_step(name, args), repeats=repeats, warmup=1)
@@ -88,9 +94,14 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-gib", type=float, default=8.0, help="skip plain-PyTorch points above this many GiB")
     p.add_argument("--plot", default=None, help="write a PNG of the three sweeps here")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--n-values", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="the N sweep")
+    p.add_argument("--sweeps", nargs="+", choices=("N", "V", "k"), default=["N", "V", "k"])
     p.add_argument("--memory-point", nargs=5, default=None, metavar=("METHOD", "N", "V", "H", "K"),
                    help=argparse.SUPPRESS)  # internal: one step's peak extra MiB, in this fresh process
     args = p.parse_args()
+    global DTYPE
+    DTYPE = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     if args.memory_point:
         name, n, v, h, k = args.memory_point[0], *map(int, args.memory_point[1:])
@@ -99,7 +110,8 @@ def main():
         print(peak_extra_mib(_step(name, inputs)))
         return
     base = dict(N=1024, V=65536, k=16)
-    sweeps = {"N": [256, 512, 1024, 2048, 4096], "V": [32000, 65536, 151936], "k": [1, 4, 16, 64]}
+    sweeps = {"N": args.n_values, "V": [32000, 65536, 151936], "k": [1, 4, 16, 64]}
+    sweeps = {axis: sweeps[axis] for axis in args.sweeps}
     rows = {}
     for axis, values in sweeps.items():
         rows[axis] = []
@@ -109,7 +121,7 @@ def main():
             rows[axis].append(r)
             print(f"  {axis}={x}: opdcore {r['opdcore_s']:.3f} s {r['opdcore_mib']:.0f} MiB, torch "
                   f"{r['torch_s']:.3f} s {r['torch_mib']:.0f} MiB", flush=True)
-    print(f"\nfused top-k loss fwd+bwd, H={args.hidden}, float32, {args.threads} threads, median of "
+    print(f"\nfused top-k loss fwd+bwd, H={args.hidden}, {args.dtype}, {args.threads} threads, median of "
           f"{args.repeats} after 1 warm-up\n")
     print("| sweep | N | V | k | opdcore s | torch s | opdcore / torch time | opdcore MiB | torch MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -122,7 +134,7 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+        fig, axes = plt.subplots(2, len(rows), figsize=(4.4 * len(rows), 7), squeeze=False)
         for col, (axis, rs) in enumerate(rows.items()):
             xs = [r[axis] for r in rs]
             for row_i, (unit, label) in enumerate((("s", "seconds"), ("mib", "peak extra MiB"))):
@@ -136,7 +148,8 @@ def main():
                 ax.grid(alpha=0.3)
                 if row_i == 0 and col == 0:
                     ax.legend()
-        fig.suptitle(f"top-k OPD loss fwd+bwd through the LM head (H={args.hidden}, float32, {args.threads} threads)")
+        fig.suptitle(f"top-k OPD loss fwd+bwd through the LM head (H={args.hidden}, {args.dtype}, {args.threads} "
+                     "threads)")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
         print(f"\nplot: {args.plot}")

@@ -84,9 +84,9 @@ inline void raise_max(const RowRef<A>& r, A bmax) {
   }
 }
 
-// Offer the values of buf[0, n) that reach the heap's threshold (ids base + j). Values are looked at 16 at a
-// time: a group is scanned only if one of its values may enter, and then its candidates are collected without
-// branches before the (rare) heap insertions, so a random row costs no mispredicted branch per value.
+// Offer the values of buf[0, n) that reach the heap's threshold (ids base + j), after filling the heap's empty
+// slots. Values are looked at 16 at a time: a group is scanned only if one of its values may enter, and then its
+// candidates are collected without branches before the (rare) heap insertions.
 template <typename A>
 inline void offer_block(const RowRef<A>& r, const A* buf, int64_t n, int64_t base) {
   int64_t j = 0;
