@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU session check, for a machine with an NVIDIA GPU, nvcc and a CUDA build of torch, and no network:
 #   1. build opdcore in place with its CUDA kernels (for this GPU's architecture only, to save time)
-#   2. run the cuda-marked tests (CUDA vs CPU kernels and reference.py)
+#   2. run the cuda-marked tests (CUDA vs CPU kernels and reference.py; on Hopper also the CUTLASS fused-head kernel)
 #   3. compute-sanitizer memcheck (and racecheck, synccheck on the shared-memory kernels) on a small case
 #   4. the benchmark table (benchmarks/bench_gpu.py; extra arguments are passed to it)
 # Logs go to $OUT (or benchmarks/out/) when set. STAGES picks steps (default all: build,test,sanitize,bench),
 # so a session with a per-command time limit can run them in two calls on the same machine.
 #
 #   bash benchmarks/gpu_check.sh [--n 8192 --v 151936 --k 16]
+#   OPDCORE_CUTLASS_DIR=<dir with cute/ and cutlass/> bash benchmarks/gpu_check.sh   # CUTLASS headers brought along
+#     (a machine without network and without the nvidia-cutlass package: carry the package's source/include, 27 MB)
 #   STAGES=build,test bash benchmarks/gpu_check.sh; STAGES=sanitize,bench bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,11 +32,19 @@ ARCH=$("$PY" -c "import torch; a, b = torch.cuda.get_device_capability(); print(
 if want build; then
 step "build (CMAKE_CUDA_ARCHITECTURES=$ARCH)"
 if ! "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . \
-      --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" >"$LOG/build.log" 2>&1; then
+      --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" \
+      ${OPDCORE_CUTLASS_DIR:+--config-settings=cmake.define.OPDCORE_CUTLASS_DIR="$OPDCORE_CUTLASS_DIR"} \
+      >"$LOG/build.log" 2>&1; then
   tail -60 "$LOG/build.log"; echo "BUILD FAILED"; exit 1
 fi
 "$PY" -c "import opdcore; i = opdcore.build_info(); print(i); assert i['cuda_compiled'], 'built without CUDA kernels'" || {
   grep -iE "opdcore:|cuda" "$LOG/build.log" | head -20; exit 1; }
+fi
+# On Hopper the CUTLASS fused-head kernel must be in the build (CMake needs the nvidia-cutlass headers): its tests
+# (tests/test_cuda.py, kernel="sm90") and benchmark row (extract_linear) check it against the streamed path.
+if [ "$ARCH" = "90" ]; then
+  "$PY" -c "import opdcore, sys; sys.exit(0 if opdcore.build_info().get('cutlass_sm90') else 1)" || {
+    echo "WARNING: built without the CUTLASS sm_90a kernel (no CUTLASS headers found): its checks will not run"; fail=1; }
 fi
 "$PY" -c "import opdcore, sys; sys.exit(0 if opdcore.build_info()['cuda_compiled'] else 1)" || {
   echo "opdcore is not installed with CUDA kernels: run the build stage"; exit 1; }

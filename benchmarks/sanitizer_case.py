@@ -33,6 +33,13 @@ for dt in (torch.bfloat16, torch.float32, torch.float64):
     linear_topk(h.detach(), w.detach(), 16, chunk_size=300)
     ids = torch.randint(0, 999, (7, 4), device="cuda")
     opd_topk_loss_linear(h, w, ids, -torch.rand(7, 4, device="cuda"), chunk_size=300).loss.sum().backward()
+# The tiled fused-head kernels: SIMT everywhere, CUTLASS's sm_90a one on Hopper (row and column tails, 3 splits).
+tiled = ["simt"] + (["sm90"] if opdcore.build_info().get("cutlass_sm90")
+                    and torch.cuda.get_device_capability()[0] == 9 else [])
+for kernel in tiled:
+    h = torch.randn(130, 64, device="cuda").to(torch.bfloat16)
+    w = torch.randn(700, 64, device="cuda").to(torch.bfloat16)
+    linear_topk(h, w, 16, kernel=kernel)
 for dt in (torch.bfloat16, torch.float32, torch.float64):
     s_ = (torch.randn(5, 5001, device="cuda") * 2).to(dt)[:, 1:].requires_grad_(True)  # unaligned rows
     t_ = (torch.randn(5, 5001, device="cuda") * 2).to(dt)[:, 1:]

@@ -58,8 +58,10 @@ PYBIND11_MODULE(_C, m) {
     d["torch_version_built"] = OPDCORE_TORCH_VERSION;
 #ifdef OPDCORE_WITH_CUDA
     d["cuda_compiled"] = true;
+    d["cutlass_sm90"] = opdcore::cuda::head_topk_sm90_compiled();  // the fused-head kernel of csrc/cutlass
 #else
     d["cuda_compiled"] = false;
+    d["cutlass_sm90"] = false;
 #endif
     d["openmp_max_threads"] = omp_get_max_threads();
     return d;

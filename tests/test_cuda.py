@@ -231,6 +231,94 @@ def test_linear_topk(dtype):
         assert torch.equal(rg.ids.cpu(), rc.ids)
 
 
+# ---- fused LM-head top-k, tiled kernels (head_epilogue.cuh) ----------------------------------------------------
+# Integer-valued hidden and weight make every product exact in float32 whatever the summation order, so the
+# tiled kernels (float32 accumulators in registers) must give the CPU's top-k on the float32 logits exactly,
+# ties to the lower id included. On a GPU without Hopper only the SIMT mainloop runs; on Hopper both.
+TILED = ["simt"] + (["sm90"] if MODE == "cuda" and torch.cuda.is_available()
+                    and torch.cuda.get_device_capability()[0] == 9 else [])
+
+
+def _head(n, v, h, dtype, seed, *, ints=True):
+    g = torch.Generator().manual_seed(seed)
+    if ints:
+        hid, w = torch.randint(-3, 4, (n, h), generator=g), torch.randint(-3, 4, (v, h), generator=g)
+    else:
+        hid, w = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    return hid.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("kernel", TILED)
+@given(n=st.sampled_from([1, 5, 127, 128, 129, 300]), v=st.sampled_from([1, 3, 127, 128, 1000, 5003]),
+       h=st.sampled_from([8, 16, 24, 64]), k=st.integers(1, 32), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       temperature=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 2**31))
+def test_property_linear_topk_tiled(kernel, n, v, h, k, dtype, temperature, seed):
+    k = min(k, v)
+    hid, w = _head(n, v, h, dtype, seed)
+    r = on_dev(linear_topk, to_dev(hid), to_dev(w), k, temperature, kernel=kernel)
+    c = topk_logprobs(hid.float() @ w.float().T, k, temperature)
+    assert torch.equal(r.ids.cpu(), c.ids), "top-k ids (order and ties) differ from the CPU"
+    _close(r.logprobs, c.logprobs, torch.float32, "logprobs")
+    _close(r.lse, c.lse, torch.float32, "lse")
+    _close(r.entropy, c.entropy, torch.float32, "entropy", atol=1e-4)
+    assert r.target_logprobs.shape == (n, 0)
+
+
+@pytest.mark.parametrize("kernel", TILED)
+def test_linear_topk_tiled_real_values(kernel):
+    """Random normal inputs (the rounding of float32 sums decides near-ties): values against float64."""
+    hid, w = _head(70, 3000, 64, torch.bfloat16, 5, ints=False)
+    r = on_dev(linear_topk, to_dev(hid), to_dev(w), 16, 1.0, kernel=kernel)
+    x = hid.double() @ w.double().T
+    rid, rlp, rlse, rent = (t.float() if t.is_floating_point() else t for t in ref.topk_logprobs(x, 16, 1.0))
+    _close(r.lse, rlse, torch.float32, "lse", rtol=1e-5, atol=1e-5)
+    _close(r.entropy, rent, torch.float32, "entropy", rtol=1e-4, atol=1e-4)
+    _close(r.logprobs, rlp, torch.float32, "logprobs", rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.gather(1, r.ids.cpu()), x.gather(1, rid), rtol=0, atol=1e-4)  # same values
+
+
+@pytest.mark.parametrize("kernel", TILED)
+def test_linear_topk_tiled_float32_and_stream_agree(kernel):
+    if kernel == "sm90":
+        pytest.skip("float32 inputs: simt only")
+    hid, w = _head(40, 2000, 32, torch.float32, 6)
+    r = on_dev(linear_topk, to_dev(hid), to_dev(w), 8, 1.0, kernel=kernel)
+    s = on_dev(linear_topk, to_dev(hid), to_dev(w), 8, 1.0)
+    assert torch.equal(r.ids.cpu(), s.ids.cpu())
+    _close(r.logprobs, s.logprobs, torch.float32, "logprobs")
+
+
+@pytest.mark.parametrize("kernel", TILED)
+def test_linear_topk_tiled_nonfinite_names_row(kernel):
+    hid, w = _head(300, 1000, 16, torch.bfloat16, 7)
+    hid[201, 3] = float("nan")
+    hid[250, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"NaN or \+inf \(row 201\)"), device_ops():
+        linear_topk(to_dev(hid), to_dev(w), 4, kernel=kernel)
+
+
+def test_linear_topk_tiled_errors():
+    hid, w = _head(4, 50, 16, torch.bfloat16, 8)
+    d = to_dev
+    cases = [
+        (lambda: linear_topk(d(hid), d(w), 33, kernel="simt"), RuntimeError, "k must be in"),
+        (lambda: linear_topk(d(hid), d(w[:20]), 21, kernel="simt"), RuntimeError, "k must be in"),
+        (lambda: linear_topk(d(hid), d(w[:, :8]), 4, kernel="simt"), RuntimeError, "hidden size mismatch"),
+        (lambda: linear_topk(d(hid), d(w.half()), 4, kernel="simt"), RuntimeError, "must share a dtype"),
+        (lambda: linear_topk(d(hid.double()), d(w.double()), 4, kernel="simt"), RuntimeError, "bfloat16 or float16"),
+        (lambda: linear_topk(d(hid[:0]), d(w), 4, kernel="simt"), RuntimeError, "empty batch"),
+        (lambda: linear_topk(d(hid), d(w), 4, 0.0, kernel="simt"), RuntimeError, "temperature"),
+        (lambda: linear_topk(d(hid), d(w), 4, kernel="simt", ids=d(torch.zeros(4, 1, dtype=torch.long))),
+         ValueError, "takes no ids"),
+        (lambda: linear_topk(d(hid), d(w), 4, kernel="tiles"), ValueError, "kernel must be one of"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg), device_ops():
+            fn()
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        linear_topk(hid, w, 4, kernel="sm90")  # outside device_ops: the CPU build's namespace
+
+
 # ---- error paths: the CPU's message (first bad row) -------------------------------------------------------------
 
 

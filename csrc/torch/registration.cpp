@@ -12,6 +12,9 @@ OPDCORE_DEFINE_LIBRARY(OPDCORE_LIBRARY, m) {
   // Streaming top-k over full rows.
   m.def("topk_logprobs(Tensor logits, int k, float temperature=1.0) -> (Tensor ids, Tensor logprobs, Tensor lse, Tensor entropy)");
   m.def("logprobs_at(Tensor logits, Tensor ids, float temperature=1.0) -> (Tensor logprobs, Tensor lse)");
+  // Fused LM-head top-k in one tiled kernel (CUDA only: kernel 0 the SIMT mainloop, 1 CUTLASS's sm_90a one).
+  m.def("linear_topk_tiled(Tensor hidden, Tensor weight, int k, float temperature=1.0, int kernel=0) "
+        "-> (Tensor ids, Tensor logprobs, Tensor lse, Tensor entropy)");
   // Streaming state over vocabulary chunks (state tensors are updated in place).
   m.def("stream_update(Tensor(a!) max, Tensor(b!) sumexp, Tensor(c!) ent, Tensor(d!) heap_vals, Tensor(e!) heap_ids, "
         "Tensor target_ids, Tensor(f!) target_vals, Tensor logits, int vocab_offset, float temperature) -> ()");

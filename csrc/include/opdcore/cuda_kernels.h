@@ -78,6 +78,21 @@ Status stream_merge(const StreamState<A>& a, const StreamState<A>& b, const Laun
 template <typename A>
 Status stream_finalize(const StreamState<A>& st, const StreamResult<A>& out, const Launch& launch);
 
+// ---- fused LM-head top-k (head_epilogue.cuh) -----------------------------------------------------------
+// topk_logprobs of hidden [rows, H] @ weight [V, H]^T / temperature (both row-major, contiguous) without the
+// logits in memory: column tiles of 128 x 128 are formed in registers and reduced there (online log-sum-exp,
+// entropy, the best k in shared memory); per-split partial states are merged by the streaming kernels' K2.
+//   kSimt: a plain-FMA product (any GPU; the emulator's test bench of the epilogue).
+//   kSm90: CUTLASS's TMA + wgmma mainloop (sm_90a; only when built with CUTLASS: head_topk_sm90_compiled()).
+// Products accumulate in float32 (no rounding of the logits to the input dtype). 1 <= k <= kHeadMaxTopK.
+enum class HeadKernel : int { kSimt = 0, kSm90 = 1 };
+constexpr int64_t kHeadMaxTopK = 32;
+bool head_topk_sm90_compiled();
+size_t head_topk_workspace_bytes(int64_t rows, int64_t V, int64_t k, int num_sms);
+template <typename T>
+Status head_topk(const T* hidden, const T* weight, int64_t rows, int64_t V, int64_t H, double temperature,
+                 int64_t k, HeadKernel kernel, const StreamResult<float>& out, const Launch& launch);
+
 // ---- sparse top-k OPD loss (opd_loss.h) ------------------------------------------------------------------
 
 template <typename A>

@@ -22,6 +22,13 @@ def _(logits, ids, temperature=1.0):
     return logits.new_empty(ids.shape, dtype=a), logits.new_empty((logits.shape[0],), dtype=a)
 
 
+@lib.register_fake("opdcore::linear_topk_tiled")
+def _(hidden, weight, k, temperature=1.0, kernel=0):
+    n = hidden.shape[0]
+    return (hidden.new_empty((n, k), dtype=torch.int64), hidden.new_empty((n, k), dtype=torch.float32),
+            hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((n,), dtype=torch.float32))
+
+
 @lib.register_fake("opdcore::stream_update")
 def _(max, sumexp, ent, heap_vals, heap_ids, target_ids, target_vals, logits, vocab_offset, temperature):
     return None

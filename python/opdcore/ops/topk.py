@@ -164,15 +164,30 @@ def iter_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
         yield off, out
 
 
+# The kernels behind linear_topk: "stream" forms logits chunk by chunk in a workspace that the streaming kernel
+# reads; the tiled ones (CUDA) keep each 128 x 128 logits tile in registers. "sm90" is CUTLASS's TMA + wgmma
+# mainloop (Hopper, sm_90a); "simt" is a plain-FMA mainloop feeding the same epilogue (any GPU; the test twin).
+HEAD_KERNELS = {"stream": None, "simt": 0, "sm90": 1}
+TILED_MAX_K = 32
+
+
 @torch.no_grad()
 def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature: float = 1.0,
-                chunk_size: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> StreamResult:
+                chunk_size: Optional[int] = None, ids: Optional[torch.Tensor] = None,
+                kernel: str = "stream") -> StreamResult:
     """Top-k of softmax(hidden @ weight.T / temperature) without materialising [N, V] logits.
 
-    The LM-head matmul runs chunk by chunk into one [N, chunk_size] workspace that the streaming kernel consumes.
-    Optionally also returns log-probs at ids [N, m] from the same pass (target_logprobs).
+    kernel="stream" (default): the LM-head matmul runs chunk by chunk into one [N, chunk_size] workspace that the
+    streaming kernel consumes; optionally also log-probs at ids [N, m] from the same pass (target_logprobs).
+    kernel="sm90" / "simt" (CUDA, 16-bit or (simt) float32 inputs, k <= 32, no ids): one tiled kernel, the logits
+    only ever in registers, products accumulated in float32 (the stream path rounds logits to the input dtype).
+    "sm90" is used only where asked for until a GPU run has verified it (benchmarks/gpu_check.sh).
     """
+    if kernel not in HEAD_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(HEAD_KERNELS)}, got {kernel!r}")
     check_devices(hidden=hidden, weight=weight, ids=ids)
+    if HEAD_KERNELS[kernel] is not None:
+        return _linear_topk_tiled(hidden, weight, k, temperature, chunk_size, ids, kernel)
     chunk = check_linear(hidden, weight, chunk_size)
     if ids is not None and ids.numel() and int(ids.max()) >= weight.shape[0]:
         raise ValueError(f"ids holds an id >= vocab size {weight.shape[0]}")
@@ -183,3 +198,12 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, temperature:
     for off, logits in iter_head_chunks(hidden, weight, chunk):
         state.update(logits, off)
     return state.finalize()
+
+
+def _linear_topk_tiled(hidden, weight, k, temperature, chunk_size, ids, kernel) -> StreamResult:
+    if ids is not None or chunk_size is not None:
+        raise ValueError(f"kernel={kernel!r} takes no ids or chunk_size (use kernel='stream')")
+    if _ops.name == "opdcore" and hidden.device.type != "cuda":
+        raise ValueError(f"kernel={kernel!r} runs on CUDA tensors, hidden is on {hidden.device}")
+    out = _ops.linear_topk_tiled(hidden.detach(), weight.detach(), int(k), float(temperature), HEAD_KERNELS[kernel])
+    return StreamResult(*out, out[1].new_empty(hidden.shape[0], 0))
