@@ -234,7 +234,9 @@ def test_real_model_end_to_end(smollm2, tmp_path, engine):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(out / "final")
-        engine_ = VLLMEngine(str(out / "final"), tok, gpu_memory_utilization=0.15, dtype="bfloat16")
+        # max_model_len: SmolLM2's 8192-token context needs more KV cache than a 0.15 share of this VM's memory
+        engine_ = VLLMEngine(str(out / "final"), tok, gpu_memory_utilization=0.15, dtype="bfloat16",
+                             max_model_len=512)
         try:
             prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
                                              add_generation_prompt=True, tokenize=True, return_dict=False)

