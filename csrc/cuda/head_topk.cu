@@ -101,15 +101,9 @@ Status head_topk(const T* hidden, const T* weight, int64_t rows, int64_t V, int6
     return host::cuda_error(cudaErrorNotSupported);
 #endif
   }
-  dev::CombineArgs<float> c;  // K2: merge the splits, write the final results
-  c.k = int(k);
-  c.parts = plan.splits;
-  c.part = a.part;
-  c.poison_check = true;
-  c.final = true;
-  c.fin.out = out;
-  c.status = L.status;
-  host::launch_combine(rows, c, L.stream);
+  dev::FinalArgs<float> fin;
+  fin.out = out;
+  host::combine_parts_final(rows, int(k), 0, plan.splits, a.part, fin, L.status, L.stream);  // K2: merge the splits
   return host::finish(L);
 }
 

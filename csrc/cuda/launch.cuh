@@ -122,6 +122,22 @@ inline void launch_combine(int64_t rows, const dev::CombineArgs<A>& c, cudaStrea
   OPDCORE_LAUNCH(static_cast<unsigned>(rows), dev::kThreads, smem, stream, dev::combine_kernel<A>)(c);
 }
 
+// K2 over the partial states of `parts` blocks per row, writing the final results (rows a block rejected are skipped).
+template <typename A>
+inline void combine_parts_final(int64_t rows, int k, int64_t m, int parts, const StreamState<A>& part,
+                                const dev::FinalArgs<A>& fin, unsigned long long* status, cudaStream_t stream) {
+  dev::CombineArgs<A> c;
+  c.k = k;
+  c.m = m;
+  c.parts = parts;
+  c.part = part;
+  c.poison_check = true;
+  c.final = true;
+  c.fin = fin;
+  c.status = status;
+  launch_combine(rows, c, stream);
+}
+
 }  // namespace host
 }  // namespace cuda
 }  // namespace opdcore

@@ -205,15 +205,7 @@ Status opd_topk_loss_forward(const T* logits, int64_t rows, int64_t V, int64_t r
     a.partial = true;
     a.part = host::carve_partial<A>(L.workspace, rows * a.splits, 0, K);
     host::launch_rows<T, false>(logits, rows, a, false, L.stream);
-    dev::CombineArgs<A> c;
-    c.m = K;
-    c.parts = a.splits;
-    c.part = a.part;
-    c.poison_check = true;
-    c.final = true;
-    c.fin = fin;
-    c.status = L.status;
-    host::launch_combine(rows, c, L.stream);
+    host::combine_parts_final(rows, 0, K, a.splits, a.part, fin, L.status, L.stream);
   }
   return host::finish(L);
 }

@@ -57,16 +57,7 @@ Status topk_logprobs(const T* logits, int64_t rows, int64_t V, int64_t row_strid
     a.partial = true;
     a.part = host::carve_partial<A>(L.workspace, rows * a.splits, k, a.m);
     host::launch_rows(logits, rows, a, entropy, L.stream);
-    dev::CombineArgs<A> c;
-    c.k = int(k);
-    c.m = a.m;
-    c.parts = a.splits;
-    c.part = a.part;
-    c.poison_check = true;
-    c.final = true;
-    c.fin.out = out;
-    c.status = L.status;
-    host::launch_combine(rows, c, L.stream);
+    host::combine_parts_final(rows, int(k), a.m, a.splits, a.part, a.fin, L.status, L.stream);
   }
   return host::finish(L);
 }

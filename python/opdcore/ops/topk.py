@@ -168,7 +168,6 @@ def iter_head_chunks(hidden: torch.Tensor, weight: torch.Tensor, chunk: int):
 # reads; the tiled ones (CUDA) keep each 128 x 128 logits tile in registers. "sm90" is CUTLASS's TMA + wgmma
 # mainloop (Hopper, sm_90a); "simt" is a plain-FMA mainloop feeding the same epilogue (any GPU; the test twin).
 HEAD_KERNELS = {"stream": None, "simt": 0, "sm90": 1}
-TILED_MAX_K = 32
 
 
 @torch.no_grad()
