@@ -149,14 +149,17 @@ def test_renorm_kl_matches_reference(n, v, kk, dtype, temperature, seed):
     assert (loss >= -1e-6).all()
 
 
-def test_gradcheck_renorm_kl():
+@pytest.mark.parametrize("whole_factor", [0, 16])  # head rows gathered per token; a block's whole logits (V <= 16 K)
+def test_gradcheck_renorm_kl(whole_factor, monkeypatch):
+    monkeypatch.setattr(opdcore.ops.loss, "WHOLE_HEAD_FACTOR", whole_factor)
     x, ids, tq, valid = make_case(4, 30, 6, torch.float64, 3)
+    ids[1, 2] = ids[1, 4]  # a repeated id: its gradient is summed
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda z: opdcore.renorm_topk_kl(z, ids, tq.double(), valid, temperature=0.8), (x,))
     g = torch.Generator().manual_seed(4)
     h = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(30, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    for block in (1 << 24, 60, 1):  # all rows at once; head rows gathered 2 rows at a time; one row at a time
+    for block in (1 << 24, 60, 1):  # all rows at once; 2 rows at a time; one row at a time
         f = lambda a, b: opdcore.ops.renorm_topk_kl_linear(a, b, ids, tq.double(), valid,  # noqa: E731
                                                            max_block_elements=block)
         assert torch.autograd.gradcheck(f, (h, w))

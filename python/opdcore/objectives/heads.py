@@ -19,6 +19,7 @@ import torch
 import opdcore
 from opdcore import ops
 from opdcore import parallel as P
+from opdcore.ops.loss import whole_head
 
 
 class LMHead:
@@ -122,9 +123,7 @@ class FusedHead(LMHead):
         them (bfloat16 logits round to 1/128 of their size), so they agree with lse; the log-probs come out in
         lse's dtype, at most 0."""
         out = torch.empty(ids.shape, dtype=lse.dtype, device=lse.device)
-        # a set that is a sizeable part of a small vocabulary: the block's whole logits (one GEMM) cost less than
-        # gathering m head rows per token
-        whole = self.weight.shape[0] <= 16 * ids.shape[1]
+        whole = whole_head(self.weight.shape[0], ids.shape[1])
         for r0 in range(0, ids.shape[0], rows):
             r1 = min(ids.shape[0], r0 + rows)
             if whole:

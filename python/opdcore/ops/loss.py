@@ -214,10 +214,20 @@ def renorm_topk_kl_linear(hidden: torch.Tensor, weight: torch.Tensor, ids: torch
     return _ops.renorm_kl_fwd(set_logits, tq, valid, float(temperature))[0]
 
 
+# A set that is a sizeable part of a small vocabulary (V <= 16 K, the synthetic pair's 100 ids with K = 16): a row
+# block's whole logits (one GEMM) and a gather cost less than gathering K head rows per token.
+WHOLE_HEAD_FACTOR = 16
+
+
+def whole_head(vocab: int, k: int) -> bool:
+    return vocab <= WHOLE_HEAD_FACTOR * k
+
+
 class SetLogits(torch.autograd.Function):
     """z[n, k] = hidden[n] . weight[ids[n, k]]: the K set logits per row, with the LM-head rows gathered one row
     block at a time into one reused workspace, so at most [rows, K, H] of gathered weights exist (not [N, K, H])
-    in either pass, and fresh memory is not faulted in for every block."""
+    in either pass, and fresh memory is not faulted in for every block. On a small vocabulary (whole_head) a row
+    block's whole logits are formed instead, and the gradient goes through them."""
 
     @staticmethod
     def _blocks(weight, ids, rows):
@@ -233,11 +243,34 @@ class SetLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ids, rows_per_block):
         z = torch.empty(ids.shape, dtype=hidden.dtype, device=hidden.device)
-        for r0, r1, w_rows in SetLogits._blocks(weight, ids, rows_per_block):
-            torch.bmm(w_rows, hidden[r0:r1].unsqueeze(2), out=z[r0:r1].unsqueeze(2))
+        ctx.whole = whole_head(weight.shape[0], ids.shape[1])
+        if ctx.whole:
+            for r0 in range(0, ids.shape[0], rows_per_block):
+                r1 = min(ids.shape[0], r0 + rows_per_block)
+                torch.gather(hidden[r0:r1] @ weight.T, 1, ids[r0:r1], out=z[r0:r1])
+        else:
+            for r0, r1, w_rows in SetLogits._blocks(weight, ids, rows_per_block):
+                torch.bmm(w_rows, hidden[r0:r1].unsqueeze(2), out=z[r0:r1].unsqueeze(2))
         ctx.save_for_backward(hidden, weight, ids)
         ctx.rows = rows_per_block
         return z
+
+    @staticmethod
+    def _whole_backward(ctx, g, hidden, weight, ids, acc):
+        """The gradients through each row block's whole logits: d logits = g scattered onto the set's columns
+        (summed where an id repeats), then two GEMMs."""
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        for r0 in range(0, ids.shape[0], ctx.rows):
+            r1 = min(ids.shape[0], r0 + ctx.rows)
+            d = torch.zeros(r1 - r0, weight.shape[0], dtype=acc, device=g.device)
+            d = d.scatter_add_(1, ids[r0:r1], g[r0:r1].to(acc)).to(hidden.dtype)
+            if need_h:
+                torch.matmul(d, weight, out=grad_h[r0:r1])
+            if need_w:
+                grad_w += (d.T @ hidden[r0:r1]).to(acc)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
     @staticmethod
     def backward(ctx, grad_z):
@@ -245,6 +278,8 @@ class SetLogits(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         g = grad_z.to(hidden.dtype)
+        if ctx.whole:
+            return SetLogits._whole_backward(ctx, g, hidden, weight, ids, acc)
         grad_w = None
         if need_w:  # d weight[ids[n, k]] += g[n, k] hidden[n], accumulated in float32
             grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
