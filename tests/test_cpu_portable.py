@@ -1,5 +1,6 @@
-"""The CPU extraction kernel built twice, for a baseline x86-64 (the portable loops of row_stream.h) and for this
-CPU (the AVX-512 passes of row_simd.h where it has AVX-512), agrees with itself, the extension and the reference.
+"""The CPU extraction kernel and the loss backward built twice, for a baseline x86-64 (the portable loops of
+row_stream.h and opd_loss.cpp) and for this CPU (the AVX-512 passes of row_simd.h where it has AVX-512), agree with
+themselves, the extension and the reference.
 The extension is built for this CPU, so without this test the portable loops would go untested here."""
 import ctypes
 import platform
@@ -29,11 +30,16 @@ def builds(tmp_path_factory):
         so = out / f"topk_{name}.so"
         subprocess.run(["g++", "-O2", "-fno-math-errno", f"-march={arch}", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
                         f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cpu'}", str(ROOT / "tests/native/topk_capi.cpp"),
-                        str(ROOT / "csrc/cpu/topk_stream.cpp"), "-o", str(so)], check=True, capture_output=True)
+                        str(ROOT / "csrc/cpu/topk_stream.cpp"), str(ROOT / "csrc/cpu/opd_loss.cpp"), "-o", str(so)],
+                       check=True, capture_output=True)
         lib = ctypes.CDLL(str(so))
         lib.opdcore_test_topk.restype = ctypes.c_int
         lib.opdcore_test_topk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
                                           ctypes.c_int64] + [ctypes.c_void_p] * 4
+        lib.opdcore_test_loss_backward.restype = None
+        lib.opdcore_test_loss_backward.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                    ctypes.c_double] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+                                                   + [ctypes.c_void_p] * 2)
         libs[name] = lib
     return libs
 
@@ -83,3 +89,28 @@ def test_builds_agree_on_sorted_rows(builds, k):
     for name, lib in builds.items():
         code, (ids, lp, _, _) = run(lib, x, k, 1.0)
         assert code == 0 and torch.equal(ids, want[0]), name
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), v=st.integers(1, 3000), K=st.integers(1, 8),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), temperature=st.sampled_from([1.0, 0.7]),
+       neg_inf=st.sampled_from([0.0, 0.5]), seed=st.integers(0, 2**31))
+def test_loss_backward_builds_agree(builds, n, v, K, dtype, temperature, neg_inf, seed):
+    """d loss / d logits = g/T (sum_q r_q p - sum_q r_q onehot(id_q)), repeated ids summed, against float64."""
+    x = make_logits(n, v, dtype, seed, neg_inf_frac=neg_inf)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, v, (n, K), generator=g)
+    rewards = torch.randn(n, K, generator=g)
+    grad_loss = torch.rand(n, generator=g) + 0.5
+    lse = torch.logsumexp(x.float() / temperature, 1)
+    coef = grad_loss.double() / temperature
+    want = (coef * rewards.double().sum(1))[:, None] * torch.exp(x.double() / temperature - lse.double()[:, None])
+    want.scatter_add_(1, ids, -coef[:, None] * rewards.double())
+    ext = torch.ops.opdcore.opd_topk_loss_bwd(grad_loss, x, lse, ids, rewards, temperature)
+    for name, lib in builds.items():
+        grad = torch.empty_like(x)
+        lib.opdcore_test_loss_backward(DTYPE_CODE[dtype], x.data_ptr(), n, v, temperature, lse.data_ptr(), ids.data_ptr(),
+                                       rewards.data_ptr(), K, grad_loss.data_ptr(), grad.data_ptr())
+        tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(grad.double(), want, **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, ext, **tol, msg=lambda m: f"{name} vs the extension: {m}")

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "opdcore/row_math.h"
@@ -104,8 +105,15 @@ void opd_topk_loss_backward(const T* logits, int64_t rows, int64_t n, int64_t ro
       for (int64_t b0 = 0; b0 < n; b0 += cpu::kBlock) {
         const int64_t nb = std::min(cpu::kBlock, n - b0);
         if (col_stride == 1) {
+#if OPDCORE_ROW_SIMD
+          if constexpr (std::is_same_v<A, float>) {
+            cpu::simd::dense_grad(x + b0, nb, inv_t, l, dense, buf);
+          } else
+#endif
+          {
 #pragma omp simd
-          for (int64_t j = 0; j < nb; ++j) buf[j] = dense * exp_nonpos(A(to_float(x[b0 + j])) * inv_t - l);
+            for (int64_t j = 0; j < nb; ++j) buf[j] = dense * exp_nonpos(A(to_float(x[b0 + j])) * inv_t - l);
+          }
         } else {
           for (int64_t j = 0; j < nb; ++j) buf[j] = dense * exp_nonpos(A(to_float(x[(b0 + j) * col_stride])) * inv_t - l);
         }

@@ -1,5 +1,5 @@
 // AVX-512 versions of the two per-block passes of the streaming softmax (row_stream.h), for float accumulators
-// and contiguous rows. gcc's auto-vectorised loops spend about twice the instructions of these: the exp is
+// and contiguous rows, and of the loss backward's exp pass (opd_loss.cpp). gcc's auto-vectorised loops spend about twice the instructions of these: the exp is
 // 2^round(z) * 2^f with vrndscaleps / vscalefps instead of integer bit tricks, the NaN / +inf and heap-threshold
 // tests are mask compares, and the next block is prefetched while this one's exps are computed, so the memory
 // read overlaps the arithmetic. Built only where the compiler targets AVX-512 (-march=native on such a CPU);
@@ -97,6 +97,19 @@ inline void sums_offer(const float* buf, int64_t nb, float mx, const float* thr,
   }
   *s_out = _mm512_reduce_add_ps(s);
   *t_out = kEntropy ? _mm512_reduce_add_ps(t) : 0.0f;
+}
+
+// The loss backward's dense part over nb contiguous values (opd_loss.cpp): buf = dense * exp(x * inv_t - l), with
+// l the row's log-sum-exp; 0 where the exponent is below -104 or NaN (max returns its second operand).
+template <typename T>
+inline void dense_grad(const T* x, int64_t nb, float inv_t, float l, float dense, float* buf) {
+  const __m512 scale = _mm512_set1_ps(inv_t), vl = _mm512_set1_ps(l), lo = _mm512_set1_ps(-104.0f),
+               vd = _mm512_set1_ps(dense), zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nb; j += 16) {
+    const __mmask16 m = tail_mask(nb - j);
+    const __m512 d = _mm512_max_ps(_mm512_sub_ps(_mm512_mul_ps(load16(x + j, m, zero), scale), vl), lo);
+    _mm512_mask_storeu_ps(buf + j, m, _mm512_mul_ps(vd, exp16(d)));
+  }
 }
 
 }  // namespace simd
