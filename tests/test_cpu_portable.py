@@ -114,3 +114,9 @@ def test_loss_backward_builds_agree(builds, n, v, K, dtype, temperature, neg_inf
         tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
         torch.testing.assert_close(grad.double(), want, **tol, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(grad, ext, **tol, msg=lambda m: f"{name} vs the extension: {m}")
+        if dtype != torch.float32:  # the same float math on the same values, then rounded to nearest even
+            wide, xf = torch.empty(n, v), x.float()  # xf held: a temporary's data_ptr would dangle
+            lib.opdcore_test_loss_backward(0, xf.data_ptr(), n, v, temperature, lse.data_ptr(), ids.data_ptr(),
+                                           rewards.data_ptr(), K, grad_loss.data_ptr(), wide.data_ptr())
+            assert torch.equal(grad, wide.to(dtype)), f"{name}: the {dtype} gradient is not its float32 one rounded"
+
