@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Compile check of the CUDA kernels without a GPU: every csrc/cuda/*.cu with nvcc for sm_80 and sm_90, C++17,
-# warnings as errors, and a register/spill report; the CUTLASS kernel csrc/cutlass/*.cu for sm_90a (headers of the
-# pinned nvidia-cutlass package, or OPDCORE_CUTLASS_DIR) and its host-side layout check. Optionally (OPDCORE_CHECK_GLUE=1, the default when the
-# torch headers are found) the CUDA ATen glue csrc/torch/cuda/*.cpp with the host compiler against the
+# warnings as errors, and a register/spill report; the CUTLASS kernel csrc/cutlass/*.cu for sm_90a (headers of
+# the pinned nvidia-cutlass package, or OPDCORE_CUTLASS_DIR) and its host-side layout check. Optionally
+# (OPDCORE_CHECK_GLUE=1, the default when the torch headers are found) the CUDA ATen glue csrc/torch/cuda/*.cpp with the host compiler against the
 # installed torch's headers (a CPU wheel ships the c10/cuda and ATen/cuda headers too) and CUDA's includes.
 #
 #   scripts/check_cuda_compile.sh            # uses nvcc from PATH, python from .venv if present
@@ -46,7 +46,9 @@ done
 # The CUTLASS sm_90a kernel (csrc/cutlass), as CMake builds it: wgmma needs the arch-specific target; CUTLASS's
 # headers are system headers (their warnings are not ours), ours stay under -Werror. Then the host program
 # layout_check.cu checks the accumulator layout the epilogue assumes against CuTe's, and runs here (no GPU).
-CUTLASS_DIR=${OPDCORE_CUTLASS_DIR:-$("$PYTHON" -c "import importlib.util as u, os; s = u.find_spec('cutlass_library'); print(os.path.join(s.submodule_search_locations[0], 'source', 'include') if s else '')" 2>/dev/null || true)}
+FIND_CUTLASS="import importlib.util as u, os; s = u.find_spec('cutlass_library')
+print(os.path.join(s.submodule_search_locations[0], 'source', 'include') if s else '')"
+CUTLASS_DIR=${OPDCORE_CUTLASS_DIR:-$("$PYTHON" -c "$FIND_CUTLASS" 2>/dev/null || true)}
 if [ -n "$CUTLASS_DIR" ] && [ -f "$CUTLASS_DIR/cute/tensor.hpp" ]; then
   CUTFLAGS=(-std=c++17 -O3 -DNDEBUG -lineinfo -I csrc/include -isystem "$CUTLASS_DIR" --expt-relaxed-constexpr
             -DOPDCORE_WITH_CUTLASS=1 -gencode=arch=compute_90a,code=sm_90a
@@ -60,13 +62,18 @@ if [ -n "$CUTLASS_DIR" ] && [ -f "$CUTLASS_DIR/cute/tensor.hpp" ]; then
     fi
     worst=$(grep -oE "[0-9]+ bytes spill stores" "$log" | awk '{ if ($1 > m) m = $1 } END { print m + 0 }')
     # C7510: a call inside the wgmma pipeline serialises it (an assert, a non-inlined epilogue function).
-    if grep -iE "warning|C7510" "$log" >/dev/null; then grep -iE "warning|C7510" "$log"; echo "FAILED: warnings in $f"; status=1; fi
+    if grep -iE "warning|C7510" "$log" >/dev/null; then
+      grep -iE "warning|C7510" "$log"; echo "FAILED: warnings in $f"; status=1
+    fi
     [ "$worst" -gt 0 ] && { echo "FAILED: a kernel in $f spills $worst bytes"; status=1; }
-    echo "   $(grep -c 'Compiling entry function' "$log") kernel compilations, $(grep -oE 'Used [0-9]+ registers' "$log" | sort -u | tr '\n' ' ')no spills"
+    regs=$(grep -oE 'Used [0-9]+ registers' "$log" | sort -u | tr '\n' ' ')
+    echo "   $(grep -c 'Compiling entry function' "$log") kernel compilations, ${regs}no spills"
   done
   echo "== nvcc csrc/cutlass/layout_check.cu (host program) and run"
-  if "$NVCC" "${CUTFLAGS[@]}" -O1 -o "$OUT/layout_check" csrc/cutlass/layout_check.cu >"$OUT/layout.log" 2>&1; then
-    "$OUT/layout_check" | sed 's/^/   /' || { echo "FAILED: the fused-head epilogue's register layout is not CuTe's"; status=1; }
+  if "$NVCC" "${CUTFLAGS[@]}" -O1 -o "$OUT/layout_check" csrc/cutlass/layout_check.cu >"$OUT/layout.log" 2>&1
+  then
+    "$OUT/layout_check" | sed 's/^/   /' ||
+      { echo "FAILED: the fused-head epilogue's register layout is not CuTe's"; status=1; }
   else
     cat "$OUT/layout.log"; echo "FAILED: csrc/cutlass/layout_check.cu"; status=1
   fi

@@ -30,8 +30,8 @@ def builds(tmp_path_factory):
         so = out / f"topk_{name}.so"
         subprocess.run(["g++", "-O2", "-fno-math-errno", f"-march={arch}", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
                         f"-I{ROOT / 'csrc/include'}", f"-I{ROOT / 'csrc/cpu'}", str(ROOT / "tests/native/topk_capi.cpp"),
-                        str(ROOT / "csrc/cpu/topk_stream.cpp"), str(ROOT / "csrc/cpu/opd_loss.cpp"), "-o", str(so)],
-                       check=True, capture_output=True)
+                        str(ROOT / "csrc/cpu/topk_stream.cpp"), str(ROOT / "csrc/cpu/opd_loss.cpp"), "-o",
+                        str(so)], check=True, capture_output=True)
         lib = ctypes.CDLL(str(so))
         lib.opdcore_test_topk.restype = ctypes.c_int
         lib.opdcore_test_topk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double,
@@ -109,8 +109,8 @@ def test_loss_backward_builds_agree(builds, n, v, K, dtype, temperature, neg_inf
     ext = torch.ops.opdcore.opd_topk_loss_bwd(grad_loss, x, lse, ids, rewards, temperature)
     for name, lib in builds.items():
         grad = torch.empty_like(x)
-        lib.opdcore_test_loss_backward(DTYPE_CODE[dtype], x.data_ptr(), n, v, temperature, lse.data_ptr(), ids.data_ptr(),
-                                       rewards.data_ptr(), K, grad_loss.data_ptr(), grad.data_ptr())
+        lib.opdcore_test_loss_backward(DTYPE_CODE[dtype], x.data_ptr(), n, v, temperature, lse.data_ptr(),
+                                       ids.data_ptr(), rewards.data_ptr(), K, grad_loss.data_ptr(), grad.data_ptr())
         tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
         torch.testing.assert_close(grad.double(), want, **tol, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(grad, ext, **tol, msg=lambda m: f"{name} vs the extension: {m}")

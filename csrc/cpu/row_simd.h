@@ -1,9 +1,10 @@
 // AVX-512 versions of the two per-block passes of the streaming softmax (row_stream.h), for float accumulators
-// and contiguous rows, and of the loss backward's exp pass (opd_loss.cpp). gcc's auto-vectorised loops spend about twice the instructions of these: the exp is
-// 2^round(z) * 2^f with vrndscaleps / vscalefps instead of integer bit tricks, the NaN / +inf and heap-threshold
-// tests are mask compares, and the next block is prefetched while this one's exps are computed, so the memory
-// read overlaps the arithmetic. Built only where the compiler targets AVX-512 (-march=native on such a CPU);
-// elsewhere row_stream.h keeps its portable loops (tests/test_cpu_portable.py checks both agree).
+// and contiguous rows, and of the loss backward's exp pass (opd_loss.cpp). gcc's auto-vectorised loops spend
+// about twice the instructions of these: the exp is 2^round(z) * 2^f with vrndscaleps / vscalefps instead of
+// integer bit tricks, the NaN / +inf and heap-threshold tests are mask compares, and the next block is
+// prefetched while this one's exps are computed, so the memory read overlaps the arithmetic. Built only where
+// the compiler targets AVX-512 (-march=native on such a CPU); elsewhere row_stream.h and opd_loss.cpp keep their
+// portable loops (tests/test_cpu_portable.py checks both agree).
 #pragma once
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define OPDCORE_ROW_SIMD 1

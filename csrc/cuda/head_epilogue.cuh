@@ -68,7 +68,8 @@ struct HeadEpilogue {
   }
 
   // One tile: x[h][p] = the raw product at (row0 + head_row(t, h), n0 + head_col(t, p)). Warp-collective.
-  __device__ __forceinline__ void tile(float (&x)[2][P], int t, int64_t row0, int64_t n0, const HeadArgs& a, HeadTopK<KCAP>& sh) {
+  __device__ __forceinline__ void tile(float (&x)[2][P], int t, int64_t row0, int64_t n0, const HeadArgs& a,
+                                       HeadTopK<KCAP>& sh) {
     const int lane = t & 31;
     float tmax[2];
     bool offer[2];

@@ -18,7 +18,8 @@ int main() {
   for (int t = 0; t < sm90::kMmaThreads; ++t) {
     const auto tCcD = mma.get_thread_slice(t).partition_C(cD);
     if (int(size(tCcD)) != 2 * dev::kHeadTileN / 4) {
-      std::printf("thread %d holds %d accumulators, the epilogue expects %d\n", t, int(size(tCcD)), dev::kHeadTileN / 2);
+      std::printf("thread %d holds %d accumulators, the epilogue expects %d\n", t, int(size(tCcD)),
+                  dev::kHeadTileN / 2);
       return 1;
     }
     for (int i = 0; i < int(size(tCcD)); ++i) {
