@@ -35,6 +35,9 @@ def test_overlap_metrics_match_definitions(R, V, k, seed, neg_inf):
     ratio = D.topk_overlap(s_ids, t_ids)
     pm, qm = D.overlap_mass(s_ids, s_lp, t_ids, t_on_s)
     adv, has = D.overlap_advantage(s_ids, s_lp, t_ids, t_on_s)
+    ov = D.overlap_stats(s_ids, s_lp, t_ids, t_on_s)  # the same values from one intersection
+    for got, want in zip(ov, (ratio, pm, qm, adv, has)):
+        assert torch.equal(got, want)
     for r in range(R):
         assert ratio[r].item() == pytest.approx(len(set(s_ids[r].tolist()) & set(t_ids[r].tolist())) / k)
         inter = _loop_intersection(s_ids, t_ids, lp, lq, r)
@@ -50,6 +53,34 @@ def test_overlap_metrics_match_definitions(R, V, k, seed, neg_inf):
             assert adv[r].item() <= 1e-12  # -KL(pbar || qbar) / |I|
         else:
             assert adv[r].item() == 0.0
+
+
+@given(R=st.integers(0, 5), ks=st.integers(0, 6), kt=st.integers(0, 6), span=st.integers(1, 60),
+       shift=st.integers(-3, 0), seed=st.integers(0, 2**31))
+def test_in_teacher_topk_both_ways_match_the_broadcast(R, ks, kt, span, shift, seed):
+    """Small id ranges take the membership table (span <= ks * kt), others the column compares; negative ids
+    (never real, but not this helper's to reject) take the compares."""
+    g = torch.Generator().manual_seed(seed)
+    s_ids = torch.randint(0, span, (R, ks), generator=g) + shift
+    t_ids = torch.randint(0, span, (R, kt), generator=g) + shift
+    want = (s_ids.unsqueeze(2) == t_ids.unsqueeze(1)).any(2)
+    assert torch.equal(D._in_teacher_topk(s_ids, t_ids), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlap_advantage_far_below_zero(dtype):
+    """Log-probs of -300 on the whole intersection (a confident model's tail ids): exp underflows in float32,
+    the renormalised advantage must not."""
+    s_ids = torch.tensor([[3, 1, 2], [0, 1, 2]])
+    t_ids = torch.tensor([[1, 2, 7], [5, 6, 7]])  # row 1: empty intersection
+    s_lp = torch.tensor([[-0.01, -300.0, -301.0], [-0.1, -1.0, -2.0]], dtype=dtype)
+    t_lp = torch.tensor([[-9.0, -302.0, -300.5], [-1.0, -1.0, -1.0]], dtype=dtype)
+    adv, has = D.overlap_advantage(s_ids, s_lp, t_ids, t_lp)
+    lp, lq = torch.tensor([-300.0, -301.0], dtype=torch.float64), torch.tensor([-302.0, -300.5], dtype=torch.float64)
+    lpb, lqb = lp - lp.logsumexp(0), lq - lq.logsumexp(0)
+    want = float((lpb.exp() * (lqb - lpb)).sum() / 2)
+    assert has.tolist() == [True, False] and adv[1].item() == 0.0
+    assert adv[0].item() == pytest.approx(want, rel=1e-5)
 
 
 def test_overlap_identical_models():

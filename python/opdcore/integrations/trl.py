@@ -196,14 +196,14 @@ def _fused_side(hidden: torch.Tensor, weight: torch.Tensor, scale: float, max_bl
 def _diagnostic_sums(s, t) -> Dict[str, torch.Tensor]:
     """Local sums over the batch's response tokens (callers add ranks, then divide by "tokens")."""
     lq_s = t.target_logprobs
-    mass_p, mass_q = metrics.overlap_mass(s.ids, s.logprobs, t.ids, lq_s)
+    ov = metrics.overlap_stats(s.ids, s.logprobs, t.ids, lq_s)
     lbar, _ = metrics.set_mass_drift(s.logprobs, lq_s)
     drift_sq, kl_sq = metrics.drift_gradient_norms(s.logprobs, lq_s)
     d = {
         "tokens": torch.tensor(float(s.ids.shape[0]), dtype=torch.float64, device=s.ids.device),
-        "topk_overlap": metrics.topk_overlap(s.ids, t.ids).double().sum(),
-        "overlap_mass_student": mass_p.double().sum(),
-        "overlap_mass_teacher": mass_q.double().sum(),
+        "topk_overlap": ov.ratio.double().sum(),
+        "overlap_mass_student": ov.mass_student.double().sum(),
+        "overlap_mass_teacher": ov.mass_teacher.double().sum(),
         "entropy_gap": metrics.entropy_gap(t.entropy, s.entropy).double().sum(),
         "student_entropy": s.entropy.double().sum(),
         "teacher_entropy": t.entropy.double().sum(),

@@ -42,14 +42,12 @@ def per_token(sc) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         "sampled_token_reward": (sc.teacher_sampled_lp - sc.student_sampled_lp, None),
     }
     if sc.student_ids is not None:
-        args = (sc.student_ids, sc.student_logprobs, sc.teacher_ids, sc.teacher_on_student_lp)
-        p_mass, q_mass = D.overlap_mass(*args)
-        adv, has = D.overlap_advantage(*args)
+        ov = D.overlap_stats(sc.student_ids, sc.student_logprobs, sc.teacher_ids, sc.teacher_on_student_lp)
         out.update({
-            "overlap_ratio": (D.topk_overlap(sc.student_ids, sc.teacher_ids), None),
-            "overlap_mass_student": (p_mass, None),
-            "overlap_mass_teacher": (q_mass, None),
-            "overlap_advantage": (adv, has),
+            "overlap_ratio": (ov.ratio, None),
+            "overlap_mass_student": (ov.mass_student, None),
+            "overlap_mass_teacher": (ov.mass_teacher, None),
+            "overlap_advantage": (ov.advantage, ov.has),
             # how much probability the student's top-k holds under each model: the reward-weighted top-k loss
             # only sees this mass, and leaks the rest when it is far from 1
             "student_topk_mass": (sc.student_logprobs.logsumexp(-1).exp(), None),
