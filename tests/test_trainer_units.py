@@ -177,7 +177,7 @@ class _ScalarStudent(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(1))
         self.value, self.calls = value, calls
 
-    def forward(self, input_ids, attention_mask, pred_index, use):
+    def forward(self, input_ids, attention_mask, pred_index, use, position_ids=None):
         return use(self)
 
     def set_loss(self, ids, teacher_logprobs, token_weights, valid=None, **kw):

@@ -138,6 +138,10 @@ class TrainConfig:
     # forward and the teacher's log-probs on it from its scoring pass's hidden states (k dot products per token),
     # instead of a separate no-grad student forward (and, with loss.dense, a second teacher forward)
     score_in_update: bool = True
+    # several responses per row of the models' forward (restarting position ids; transformers' packed-sequence
+    # masks keep them apart) instead of one right-padded response per row: fewer padding tokens computed. Used
+    # only where a check at load time shows both models keep packed sequences apart (trainer.models.packs_rows)
+    pack_rows: bool = True
     progress: bool = True
     tensorboard: bool = True  # when tensorboard is installed
 

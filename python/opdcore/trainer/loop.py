@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -22,7 +23,7 @@ from opdcore.trainer.logger import MetricsLogger
 from opdcore.trainer.memory import phase_peak
 from opdcore.trainer.probe import continuation_probe
 from opdcore.trainer.models import (GenerateThroughRoot, OPDModel, full_state_dict, load_causal_lm, load_tokenizer,
-                                    shard, vocab_limit)
+                                    packs_rows, shard, vocab_limit)
 from opdcore.trainer.schedule import make_scheduler
 
 
@@ -145,6 +146,11 @@ class Trainer:
             student_hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
             student_hf.enable_input_require_grads()
         student_hf.train()
+        # before sharding: the check runs a forward of each model on this rank alone
+        self.pack_rows = self.cfg.train.pack_rows and packs_rows(student_hf) and packs_rows(teacher_hf)
+        if self.cfg.train.pack_rows and not self.pack_rows and dist.is_main():
+            warnings.warn("train.pack_rows: a model does not keep sequences packed into one row apart (see "
+                          "trainer.models.packs_rows); its forwards take one right-padded sequence per row")
         self.sharded = dist.world() > 1
         # rollouts: the training model itself in one process; under FSDP a plain replica synced after each step,
         # or (rollout.hf_generate_sharded) the sharded student itself
@@ -398,7 +404,7 @@ class Trainer:
         correct, preds = self._grade(rollouts, [self.train_prompts[idx[r.prompt_index]].answer for r in rollouts])
         with timer("score"), self.compute():
             mbs = microbatch.build(rollouts, cfg.train.micro_batch_tokens, self.device,
-                                   min_count=cfg.train.mini_batches)
+                                   min_count=cfg.train.mini_batches, pack_rows=self.pack_rows)
             if in_update:
                 scored = [S.score_teacher(self.teacher, mb, cfg) if mb is not None else None for mb in mbs]
                 return rollouts, correct, preds, mbs, scored, [None] * len(mbs)

@@ -49,6 +49,38 @@ def vocab_limit(student, teacher, student_tok, teacher_tok) -> int:
     return n
 
 
+def _decoder(hf_model: nn.Module) -> nn.Module:
+    return hf_model.get_decoder() if hasattr(hf_model, "get_decoder") else hf_model.base_model
+
+
+@torch.no_grad()
+def packs_rows(hf_model: nn.Module) -> bool:
+    """Whether the model keeps sequences packed into one row apart, given position ids that restart at 0 with
+    each and no attention mask (transformers' packed-sequence masks; a model that ignores them would let a row's
+    sequences attend to each other). Checked on the model itself: two short sequences packed into one row must
+    give the hidden states they give alone, far closer than what the second gives with the first as its
+    context."""
+    base = _decoder(hf_model)
+    try:
+        device = next(hf_model.parameters()).device
+        vocab = hf_model.get_input_embeddings().weight.shape[0]
+    except (StopIteration, AttributeError):
+        return False
+    ids = torch.randint(0, vocab, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    restart = torch.tensor([[0, 1, 2, 3, 0, 1, 2]], device=device)
+    try:
+        with _eval_mode_without_grad(base):
+            def run(x, **kw):
+                return base(input_ids=x, use_cache=False, **kw).last_hidden_state[0].float()
+            packed = run(ids, position_ids=restart)[4:]
+            alone = run(ids[:, 4:])
+            context = run(ids)[4:]  # the second sequence after the first, one sequence
+    except Exception:  # noqa: BLE001 - a model that cannot take position ids without a mask does not pack rows
+        return False
+    err, leak = (packed - alone).norm(), (context - alone).norm()
+    return bool(err <= 0.1 * leak + 1e-3 * alone.norm())
+
+
 def _fused_head_supported(model) -> bool:
     """The fused path computes hidden @ W.T; models that post-process logits need the plain path."""
     cfg = model.config
@@ -78,23 +110,27 @@ class OPDModel(nn.Module):
             raise ValueError(f"tensor parallelism needs a plain LM head (no logit soft-capping, scale or bias); "
                              f"{type(hf_model).__name__} post-processes its logits")
 
-    def _hidden(self, input_ids, attention_mask, pred_index):
-        base = self.hf.get_decoder() if hasattr(self.hf, "get_decoder") else self.hf.base_model
+    def _hidden(self, input_ids, attention_mask, pred_index, position_ids=None):
+        base = _decoder(self.hf)
         with _eval_mode_without_grad(base):
-            h = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            # no KV cache: nothing decodes after this forward (and with a cache transformers ignores packed rows)
+            h = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
         return h.reshape(-1, h.shape[-1])[pred_index]
 
     def forward(self, input_ids, attention_mask, pred_index=None, use: Optional[Callable[[LMHead], Any]] = None,
-                generate: Optional[dict] = None):
+                generate: Optional[dict] = None, position_ids=None):
+        """position_ids: packed rows (trainer.microbatch), with attention_mask None."""
         if generate is not None:  # transformers generate inside the root forward (see GenerateThroughRoot)
             return self._generate(input_ids, attention_mask, **generate)
         if self.tp_group is not None:
-            return use(self._shard_head(self._hidden(input_ids, attention_mask, pred_index)))
+            return use(self._shard_head(self._hidden(input_ids, attention_mask, pred_index, position_ids)))
         if not self.fused:
             with _eval_mode_without_grad(self.hf):
-                logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).logits
             return use(LogitsHead(logits.reshape(-1, logits.shape[-1])[pred_index][:, :self.vocab]))
-        h = self._hidden(input_ids, attention_mask, pred_index)
+        h = self._hidden(input_ids, attention_mask, pred_index, position_ids)
         w = self.head_weight()  # sliced: its backward allocates a [V, H] zeros only where the head is padded
         keeps = not _is_fsdp(self)  # FSDP frees the gathered LM head when forward returns
         device = h.device.type

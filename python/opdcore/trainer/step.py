@@ -66,7 +66,7 @@ def ppo_clip(cfg: Config) -> PPOClip:
 
 def _run(model, mb: MicroBatch, use):
     """model's forward on the micro-batch's response positions, ending in use(LMHead)."""
-    return model(mb.input_ids, mb.attention_mask, mb.pred_index, use)
+    return model(mb.input_ids, mb.attention_mask, mb.pred_index, use, position_ids=mb.position_ids)
 
 
 @torch.no_grad()
