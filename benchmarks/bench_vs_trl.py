@@ -672,8 +672,8 @@ What differs between the sides:
 - Batching: TRL runs one padded forward over the whole batch; opdcore packs responses into micro-batches of
   train.micro_batch_tokens.
 - Optimizer: the same AdamW hyperparameters, but transformers' Trainer exempts biases and norm weights from weight
-  decay and uses its default AdamW implementation (optim=adamw_torch_fused); opdcore decays every parameter with
-  torch.optim.AdamW.
+  decay; opdcore decays every parameter. Both run torch's fused AdamW (TRL: optim=adamw_torch_fused, opdcore in
+  one process).
 - Memory: opdcore returns freed heap to the OS after a phase that leaves 256 MiB or more of it (malloc_trim;
   real models, not the synthetic pair); TRL does not.
 - Precision of the rollouts: with bf16=True TRL's generate runs in float32 (transformers' autocast covers

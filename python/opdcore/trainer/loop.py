@@ -102,7 +102,10 @@ class Trainer:
         self.checker = AnswerChecker(cfg.data.answer_extraction, cfg.data.answer_regex)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        # one process: the fused kernel (0.09 s against foreach's 0.39 s per step for SmolLM2-135M's float32
+        # weights on 2 CPU threads); sharded DTensor parameters keep the default implementation
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
+                                           fused=True if dist.world() == 1 else None)
         self.scheduler = make_scheduler(self.optimizer, o.schedule, o.warmup_steps, cfg.train.steps, o.min_lr_ratio)
         self.sampler = PromptSampler(len(self.train_prompts), cfg.train.prompts_per_step, seed=cfg.train.seed,
                                      rank=dist.dp_rank(), world_size=dist.dp_world())
