@@ -39,6 +39,8 @@ OPDCORE_DEFINE_LIBRARY(OPDCORE_LIBRARY, m) {
         "Tensor? lse_s=None, Tensor? lse_t=None) -> (Tensor loss, Tensor lse_s, Tensor lse_t, Tensor aux)");
   m.def("dense_divergence_bwd(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor lse_s, "
         "Tensor lse_t, Tensor aux, int kind, float beta, float temperature) -> Tensor");
+  // The rollout's next-token draw by inverse CDF, with the drawn token's log-prob (temperature 0: greedy).
+  m.def("sample_tokens(Tensor scores, Tensor uniform, float temperature=1.0) -> (Tensor ids, Tensor logprobs)");
   // Packed sequences: padded [B, T, ...] <-> packed [N, ...].
   m.def("pad_packed(Tensor packed, Tensor cu_seqlens, int max_seqlen, float pad_value=0.0) -> Tensor");
   m.def("unpad_packed(Tensor padded, Tensor cu_seqlens) -> Tensor");

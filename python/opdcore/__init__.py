@@ -10,6 +10,7 @@ from opdcore.ops import (
     opd_topk_loss,
     opd_topk_loss_linear,
     renorm_topk_kl,
+    sample_tokens,
     tail_topk_kl,
     topk_logprobs,
 )

@@ -35,6 +35,35 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.
     return y.gather(1, ids.long()) - lse[:, None], lse
 
 
+def sample_tokens(scores: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0):
+    """(ids [rows], logprobs [rows]): the first id whose cumulative probability exceeds uniform * total, by
+    cumsum + searchsorted (temperature 0: the first maximum, log-prob under softmax(scores)). Columns of zero
+    probability are never drawn. Validates like the kernel."""
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be 0 (greedy) or a positive finite number, got {temperature}")
+    if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be a non-empty [rows, vocab] tensor, got {tuple(scores.shape)}")
+    if uniform.shape != (scores.shape[0],) or uniform.dtype != torch.float64:
+        raise ValueError(f"uniform must be float64 [rows={scores.shape[0]}], got {uniform.dtype} {tuple(uniform.shape)}")
+    y = _scaled(scores, temperature if temperature > 0 else 1.0)
+    if bool((y.isnan() | (y == float("inf"))).any()):
+        raise ValueError("scores contains NaN or +inf")
+    if bool((y == float("-inf")).all(-1).any()):
+        raise ValueError("scores has a row that is entirely -inf: no token has probability")
+    lp = torch.log_softmax(y, dim=-1)
+    if temperature == 0:
+        ids = y.argmax(-1)  # the first maximum
+    else:
+        if bool(((uniform < 0) | (uniform >= 1)).any()):
+            raise ValueError("uniform must lie in [0, 1)")
+        p = (y - y.amax(-1, keepdim=True)).exp().double()
+        cdf = p.cumsum(-1)
+        ids = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+        last = (p > 0).cumsum(-1).argmax(-1)  # the last column with mass: where rounding leaves the target
+        ids = torch.minimum(ids, last)
+    return ids, lp.gather(1, ids[:, None]).squeeze(1)
+
+
 _RAW = {"student_p_raw": "student", "teacher_p_raw": "teacher"}
 
 

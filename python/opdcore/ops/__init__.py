@@ -14,6 +14,7 @@ from opdcore.ops.loss import (
     weight_mode_index,
 )
 from opdcore.ops.policy import PPOLoss, ppo_coefficients, ppo_topk_loss, ppo_topk_loss_linear_weighted
+from opdcore.ops.sampling import Sample, sample_tokens
 from opdcore.ops.tail_kl import TailKL, tail_topk_kl, tail_topk_kl_linear_weighted
 from opdcore.ops.token_set import (STRATEGIES, STRATEGY_ALIASES, TokenSet, build_token_set, canonical_strategy,
                                    set_is_student_topk)

@@ -124,3 +124,9 @@ def _(student_logits, teacher_logits, kind, beta, temperature, lse_s=None, lse_t
 @lib.register_fake("opdcore::dense_divergence_bwd")
 def _(grad_loss, student_logits, teacher_logits, lse_s, lse_t, aux, kind, beta, temperature):
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+
+@lib.register_fake("opdcore::sample_tokens")
+def _(scores, uniform, temperature=1.0):
+    n = scores.shape[0]
+    return scores.new_empty((n,), dtype=torch.int64), scores.new_empty((n,), dtype=_acc(scores))

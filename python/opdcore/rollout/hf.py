@@ -1,38 +1,39 @@
 """Rollouts with transformers' generate: runs anywhere torch runs (the default; CPU included)."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
                           TopPLogitsWarper)
 
+from opdcore.ops.sampling import sample_tokens
+from opdcore.rollout import decode_attention
 from opdcore.rollout.base import Rollout, RolloutEngine, SamplingConfig, stop_token_ids
 
 
-class _RecordLogprobs(LogitsProcessor):
-    """Records the log-prob of each sampled token under the distribution it was sampled from.
-
-    Placed after the temperature / top-p warpers: at step t it sees the token chosen at step t-1 as the last
-    input id and the previous step's log-probs, which it keeps (one [B, V] tensor, never the whole history).
+class _DrawTokens(LogitsProcessor):
+    """The draw itself: opdcore.sample_tokens on the processed scores (one fused pass, the drawn token's log-prob
+    with it), recorded per step; the scores it returns leave only the drawn token, so generate runs greedy and
+    just appends it. Replaces generate's softmax + multinomial (an exponential variate per vocabulary entry:
+    ~30 ms per step at [32, 49152] on 2 CPU cores) and a log_softmax + gather to record the log-probs.
     """
 
-    def __init__(self):
-        self.prev = None
-        self.taken: List[torch.Tensor] = []
+    def __init__(self, temperature: float):
+        self.temperature = temperature  # 0: greedy
+        self.logprobs: List[torch.Tensor] = []
 
     def __call__(self, input_ids, scores):
-        if self.prev is not None:
-            self.taken.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        drawn = sample_tokens(scores, self.temperature)
+        self.logprobs.append(drawn.logprobs)
+        scores.fill_(float("-inf"))  # generate's own float32 copy of the logits: safe to overwrite
+        scores.scatter_(1, drawn.ids[:, None], 0.0)
         return scores
 
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
-        """[B, steps] log-probs, given the tokens sampled at the final step."""
-        if self.prev is not None:
-            self.taken.append(self.prev.gather(1, last_tokens[:, None]).squeeze(1))
-        return torch.stack(self.taken, dim=1) if self.taken else torch.empty(last_tokens.shape[0], 0)
+    def finish(self, rows: int) -> torch.Tensor:
+        """[rows, steps] log-probs of the drawn tokens."""
+        return torch.stack(self.logprobs, dim=1).cpu() if self.logprobs else torch.empty(rows, 0)
 
 
 class _MaskPaddedVocab(LogitsProcessor):
@@ -42,6 +43,28 @@ class _MaskPaddedVocab(LogitsProcessor):
     def __call__(self, input_ids, scores):
         scores[:, self.limit:] = float("-inf")
         return scores
+
+
+class _Attention:
+    """Switches a CPU model on sdpa attention to opdcore's decode attention until close()."""
+
+    def __init__(self, model, previous: Optional[str]):
+        self.model, self.previous = model, previous
+
+    def close(self) -> None:
+        if self.previous is not None:
+            self.model.set_attn_implementation(self.previous)
+
+
+def _decode_attention(model, enabled: bool) -> _Attention:
+    """Unsharded CPU models on sdpa only (a sharded model's attention sees DTensors or a rank's heads)."""
+    hf = getattr(getattr(model, "model", None), "hf", model)  # GenerateThroughRoot -> OPDModel -> transformers
+    config = getattr(hf, "config", None)
+    if (not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa"
+            or next(hf.parameters()).device.type != "cpu" or not hasattr(hf, "set_attn_implementation")):
+        return _Attention(hf, None)
+    hf.set_attn_implementation(decode_attention.NAME)
+    return _Attention(hf, "sdpa")
 
 
 def _comm_device() -> torch.device:
@@ -73,6 +96,7 @@ class HFEngine(RolloutEngine):
     def generate(self, prompts: List[List[int]], sampling: SamplingConfig) -> List[Rollout]:
         was_training = self.model.training
         self.model.eval()
+        attention = _decode_attention(self.model, enabled=not self.synced)
         try:
             out: List[Rollout] = []
             expanded = [(i, p) for i, p in enumerate(prompts) for _ in range(sampling.n)]
@@ -88,6 +112,7 @@ class HFEngine(RolloutEngine):
             return out
         finally:
             self.model.train(was_training)
+            attention.close()
 
     def _generate_batch(self, items, sampling: SamplingConfig) -> List[Rollout]:
         tok = self.tokenizer
@@ -99,24 +124,23 @@ class HFEngine(RolloutEngine):
         for row, (_, p) in enumerate(items):  # left padding: generation continues from the right end
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
-        greedy = sampling.temperature == 0
-        recorder = _RecordLogprobs()
+        temperature = sampling.temperature
         processors = LogitsProcessorList()
         if self.vocab_limit and self.vocab_limit < self.model.get_output_embeddings().weight.shape[0]:
             processors.append(_MaskPaddedVocab(self.vocab_limit))  # padded LM-head rows are not tokens
-        if not greedy:
-            # our own warpers, in a fixed order, so the recorder sees exactly the sampling distribution
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-            if sampling.top_p < 1.0:
-                processors.append(TopPLogitsWarper(sampling.top_p))
+        if temperature > 0 and sampling.top_p < 1.0:
+            # top-p needs the tempered scores first; the draw then samples them as they are
+            processors.extend([TemperatureLogitsWarper(temperature), TopPLogitsWarper(sampling.top_p)])
+            temperature = 1.0
+        recorder = _DrawTokens(temperature)
         processors.append(recorder)
-        # temperature 1 / top-p 1 / top-k 0 keep generate from adding warpers of its own
-        config = GenerationConfig(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, temperature=1.0,
-                                  top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=stops, bos_token_id=tok.bos_token_id)
+        # greedy on the recorder's one-token scores: generate adds no warpers or sampling of its own
+        config = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
+                                  eos_token_id=stops, bos_token_id=tok.bos_token_id)
         gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                   logits_processor=processors, synced_gpus=self.synced and dist.is_initialized())
         new = gen[:, width:].cpu()
-        logprobs = recorder.finish(new[:, -1].to(recorder.prev.device) if new.shape[1] else new[:, 0]).cpu()
+        logprobs = recorder.finish(len(items))
         rollouts = []
         for row, (i, p) in enumerate(items):
             toks = new[row].tolist()
