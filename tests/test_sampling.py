@@ -225,3 +225,43 @@ def test_sample_torch_path_agrees(temperature):
     got, want = _sample_torch(x, u, temperature), opdcore.sample_tokens(x, temperature, uniform=u)
     assert bool(((got.ids == want.ids) | (cdf_gap(x, temperature or 1.0, got.ids, u) < 1e-5)).all())
     torch.testing.assert_close(got.logprobs[got.ids == want.ids], want.logprobs[got.ids == want.ids])
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_engine_shares_each_prompts_prefill_across_its_samples(tmp_path, monkeypatch, temperature):
+    # n samples per prompt: the prompt's KV cache is computed once and repeated. Same seed, same rollouts (token
+    # for token, log-probs to rounding) as prefilling every sample, including left-padded prompts and a batch that
+    # splits a prompt's samples (which falls back to the plain prefill).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import opdcore.rollout.hf as hf
+    from opdcore.rollout import SamplingConfig
+    from tiny_setup import make_tiny_run_dir
+
+    paths = make_tiny_run_dir(tmp_path)
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    model = AutoModelForCausalLM.from_pretrained(paths["student"]).eval()
+    prompts = [tok(p)["input_ids"] for p in ("12+34=", "7+8=", "100+250=")]
+    sampling = SamplingConfig(n=3, temperature=temperature, max_new_tokens=10)
+    calls = []
+    real = hf.HFEngine._shared_prompt_cache
+
+    def spy(self, items, ids, mask):
+        cache = real(self, items, ids, mask)
+        calls.append(cache is not None)
+        return cache
+
+    monkeypatch.setattr(hf.HFEngine, "_shared_prompt_cache", spy)
+    for batch_size, shared in ((9, [True]), (4, [False, True, False])):  # 4: [a a a b] [b b c c] [c]
+        calls.clear()
+        torch.manual_seed(0)
+        fast = hf.HFEngine(model, tok, batch_size=batch_size).generate(prompts, sampling)
+        assert calls == shared
+        monkeypatch.setattr(hf.HFEngine, "_shared_prompt_cache", lambda self, *a: None)
+        torch.manual_seed(0)
+        slow = hf.HFEngine(model, tok, batch_size=batch_size).generate(prompts, sampling)
+        monkeypatch.setattr(hf.HFEngine, "_shared_prompt_cache", spy)
+        for a, b in zip(fast, slow):
+            assert a.response_ids == b.response_ids
+            torch.testing.assert_close(torch.tensor(a.rollout_logprobs), torch.tensor(b.rollout_logprobs),
+                                       atol=1e-5, rtol=1e-5)

@@ -5,8 +5,8 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopPLogitsWarper)
+from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
+                          TemperatureLogitsWarper, TopPLogitsWarper)
 
 from opdcore.ops.sampling import sample_tokens
 from opdcore.rollout import decode_attention
@@ -137,8 +137,11 @@ class HFEngine(RolloutEngine):
         # greedy on the recorder's one-token scores: generate adds no warpers or sampling of its own
         config = GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
                                   eos_token_id=stops, bos_token_id=tok.bos_token_id)
-        gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                  logits_processor=processors, synced_gpus=self.synced and dist.is_initialized())
+        ids, mask = ids.to(device), mask.to(device)
+        shared = self._shared_prompt_cache(items, ids, mask)
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  logits_processor=processors, synced_gpus=self.synced and dist.is_initialized(),
+                                  **({"past_key_values": shared} if shared is not None else {}))
         new = gen[:, width:].cpu()
         logprobs = recorder.finish(len(items))
         rollouts = []
@@ -149,6 +152,24 @@ class HFEngine(RolloutEngine):
             length = end + 1 if finished else len(toks)
             rollouts.append(Rollout(i, list(p), toks[:length], logprobs[row, :length].tolist(), finished))
         return rollouts
+
+    def _shared_prompt_cache(self, items, ids, mask):
+        """The KV cache of every prompt but its last token, computed once per distinct prompt and repeated for
+        its samples (generate would run the prompt's forward once per sample: n times the prefill). None where it
+        does not apply: one sample per prompt, a batch that splits a prompt's samples unevenly, a sharded model
+        (its forwards are collectives), or a model that is not a plain transformers model."""
+        group = next((j for j, (i, _) in enumerate(items) if i != items[0][0]), len(items))
+        if (group < 2 or self.synced or ids.shape[1] < 2 or len(items) % group
+                or any(items[j][0] != items[j - j % group][0] for j in range(len(items)))
+                or not isinstance(self.model, PreTrainedModel)):
+            return None
+        uniq_ids, uniq_mask = ids[::group, :-1], mask[::group, :-1]
+        cache = DynamicCache(config=self.model.config)
+        position_ids = (uniq_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: as generate numbers the positions
+        self.model.get_decoder()(input_ids=uniq_ids, attention_mask=uniq_mask, position_ids=position_ids,
+                                 past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(group)
+        return cache
 
     def update_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
         if self.shares_training_model:
