@@ -44,7 +44,8 @@ def sample_tokens(scores: torch.Tensor, uniform: torch.Tensor, temperature: floa
     if scores.dim() != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"scores must be a non-empty [rows, vocab] tensor, got {tuple(scores.shape)}")
     if uniform.shape != (scores.shape[0],) or uniform.dtype != torch.float64:
-        raise ValueError(f"uniform must be float64 [rows={scores.shape[0]}], got {uniform.dtype} {tuple(uniform.shape)}")
+        raise ValueError(f"uniform must be float64 [rows={scores.shape[0]}], got {uniform.dtype} "
+                         f"{tuple(uniform.shape)}")
     y = _scaled(scores, temperature if temperature > 0 else 1.0)
     if bool((y.isnan() | (y == float("inf"))).any()):
         raise ValueError("scores contains NaN or +inf")

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from transformers import (DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel,
                           TemperatureLogitsWarper, TopPLogitsWarper)
 
@@ -60,8 +61,10 @@ def _decode_attention(model, enabled: bool) -> _Attention:
     """Unsharded CPU models on sdpa only (a sharded model's attention sees DTensors or a rank's heads)."""
     hf = getattr(getattr(model, "model", None), "hf", model)  # GenerateThroughRoot -> OPDModel -> transformers
     config = getattr(hf, "config", None)
+    first = next(hf.parameters())
     if (not enabled or config is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or next(hf.parameters()).device.type != "cpu" or not hasattr(hf, "set_attn_implementation")):
+            or first.device.type != "cpu" or isinstance(first, DTensor)
+            or not hasattr(hf, "set_attn_implementation")):
         return _Attention(hf, None)
     hf.set_attn_implementation(decode_attention.NAME)
     return _Attention(hf, "sdpa")
