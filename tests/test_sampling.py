@@ -52,9 +52,13 @@ def test_sample_edges_of_the_uniform_and_masked_columns():
     torch.testing.assert_close(got.logprobs, torch.tensor([math.log(p1), math.log(1 - p1), math.log(1 - p1)]))
 
 
-def test_sample_greedy_takes_the_first_maximum():
+def test_sample_greedy_takes_the_first_maximum_and_no_random_numbers():
+    # Greedy must not move the global random stream: ranks that split a greedy evaluation differently (tensor
+    # parallelism) would otherwise sample different training rollouts afterwards.
     x = torch.tensor([[1.0, 3.0, 3.0, -2.0], [5.0, 5.0, 5.0, 5.0]])
+    state = torch.get_rng_state()
     assert opdcore.sample_tokens(x, 0.0).ids.tolist() == [1, 0]
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

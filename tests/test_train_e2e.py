@@ -256,7 +256,12 @@ TP_SAME = ("loss", "grad_norm", "response_length", "train_accuracy", "student_en
 def _same_run(a, b, what):
     for x, y in zip(metrics(a), metrics(b), strict=True):
         for key in TP_SAME:
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (what, x["step"], key, x[key], y[key])
+            # float32 rounding of the vocabulary-parallel reductions (~1e-7 per token) grows through the optimizer
+            # steps (two PPO epochs per step: Adam divides by tiny second moments) and the loss is a sum of O(1)
+            # terms that cancel to ~0.01-0.05: a few 1e-5 apart by step 2; a wrong rollout or gradient is off by
+            # 1e-3 or more
+            rel, tol = (1e-4, 5e-6) if key in ("loss", "grad_norm") else (1e-5, 1e-6)
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=tol), (what, x["step"], key, x[key], y[key])
 
 
 @pytest.mark.parametrize("extra", [{"diagnostics.probe_every": 1}, {"loss.renorm_kl": True, "loss.outcome_weight": 0.5},

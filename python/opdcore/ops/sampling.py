@@ -26,13 +26,15 @@ def sample_tokens(scores: torch.Tensor, temperature: float = 1.0, uniform: Optio
     """Draw ids[r] ~ softmax(scores[r] / temperature) and return it with its log-prob under that distribution.
 
     temperature 0 is greedy (the first maximum, its log-prob under softmax(scores)). uniform: [rows] float64
-    values in [0, 1), one per row (drawn with `generator` when not given): the drawn id is the first whose
-    cumulative probability exceeds uniform[r], so equal uniforms give equal draws. -inf scores are masked
-    (never drawn); NaN, +inf or an all -inf row is an error naming the row. Not differentiable.
+    values in [0, 1), one per row (drawn with `generator` when not given; greedy draws none): the drawn id is the
+    first whose cumulative probability exceeds uniform[r], so equal uniforms give equal draws. -inf scores are
+    masked (never drawn); NaN, +inf or an all -inf row is an error naming the row. Not differentiable.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D [rows, vocab] tensor, got {getattr(scores, 'shape', type(scores))}")
-    if uniform is None:
+    if uniform is None and temperature == 0:  # greedy draws nothing: the caller's random stream stays put
+        uniform = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
+    elif uniform is None:
         uniform = torch.rand(scores.shape[0], dtype=torch.float64, device=scores.device, generator=generator)
     check_devices(scores=scores, uniform=uniform)
     if scores.device.type == "cpu":
